@@ -1,0 +1,36 @@
+"""fastlora: fused kernels for LoRA and QLoRA fine-tuning of Hugging Face models.
+
+Importing fastlora touches no GPU, sets no environment variable and works without Triton; devices are probed
+and native code is built on first use.
+
+Example:
+    >>> import fastlora
+    >>> fastlora.device_info().compute_dtype
+    torch.float32
+    >>> fastlora.resolve_backend("swiglu", "cpu", torch.float32)
+    (<Backend.CPP: 'cpp'>, 'cpp: native C++ kernel')
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from .device import DeviceInfo, device_info
+from .dispatch import Backend, BackendUnavailableError, resolve_backend, use_backend
+from .ops import swiglu
+
+try:
+    __version__ = importlib.metadata.version("fastlora")
+except importlib.metadata.PackageNotFoundError:  # running from a checkout that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "DeviceInfo",
+    "device_info",
+    "resolve_backend",
+    "swiglu",
+    "use_backend",
+    "__version__",
+]

@@ -1,0 +1,313 @@
+"""Which implementation runs an op: a per-op table of ordered candidates, each with its requirements.
+
+AUTO takes the first candidate whose requirements hold and logs, once, why the ones before it did not. An
+explicit request (an argument, :func:`use_backend`, ``FASTLORA_BACKEND`` or ``FASTLORA_BACKEND_<OP>``) that
+cannot run raises :class:`BackendUnavailableError`; it never falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._logging import log_once
+from .device import DeviceInfo, device_info
+
+
+class Backend(str, enum.Enum):
+    """An implementation of an op: Triton, the native CUDA or C++ extension, or the PyTorch reference."""
+
+    AUTO = "auto"
+    TRITON = "triton"
+    CUDA = "cuda"  # csrc/cuda, for GPUs Triton cannot serve
+    CPP = "cpp"  # csrc/cpu
+    TORCH = "torch"  # the pure-PyTorch reference
+
+    @classmethod
+    def parse(cls, value: Backend | str, *, what: str = "backend") -> Backend:
+        if isinstance(value, Backend):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            names = ", ".join(b.value for b in cls)
+            raise ValueError(f"{what}: unknown backend {value!r} (expected one of {names})") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this op here."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a requirement is checked against: the op, the device and the dtype of the call."""
+
+    op: str
+    info: DeviceInfo
+    dtype: torch.dtype | None
+    native: frozenset[tuple[str, str]] | None  # (op, device type) pairs with a native kernel; None: probe
+
+    def has_native(self, device_type: str) -> bool:
+        native = self.native if self.native is not None else _native_kernels()
+        return (self.op, device_type) in native
+
+
+# A requirement returns None when it holds, else the reason it does not.
+Requirement = Callable[[Target], "str | None"]
+
+
+@dataclass(frozen=True)
+class OpPolicy:
+    """An op's ordered candidates, the dtypes it accepts, and extra requirements per backend."""
+
+    name: str
+    candidates: tuple[Backend, ...]
+    dtypes: frozenset[torch.dtype] = frozenset({torch.float32, torch.float16, torch.bfloat16})
+    extra: tuple[tuple[Backend, Requirement], ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of resolving one op: the backend, why, and why the candidates before it were passed over."""
+
+    op: str
+    backend: Backend
+    dtype: torch.dtype | None
+    reason: str
+    rejected: tuple[tuple[Backend, str], ...] = ()
+
+
+# The policy table. Candidates are in order of preference; each backend's requirements are in _REQUIREMENTS
+# below, and an op's own extra ones sit in its row. A new op adds its row here when its kernels land.
+_POLICIES: dict[str, OpPolicy] = {
+    "swiglu": OpPolicy("swiglu", (Backend.TRITON, Backend.CPP, Backend.TORCH)),
+}
+_requests: contextvars.ContextVar[dict[str, Backend]] = contextvars.ContextVar("fastlora_backend", default={})
+_GLOBAL = "*"
+
+
+def register_op(name: str, candidates: Sequence[Backend | str], *, dtypes: Sequence[torch.dtype] | None = None,
+                extra: Sequence[tuple[Backend, Requirement]] = ()) -> OpPolicy:
+    """Add or replace a row of the policy table (for ops defined outside fastlora, and for tests).
+
+    Example:
+        >>> register_op("my_op", [Backend.TRITON, Backend.TORCH])
+    """
+    if not name.isidentifier():
+        raise ValueError(f"register_op: op name {name!r} must be an identifier")
+    backends = tuple(Backend.parse(b, what=f"register_op({name!r})") for b in candidates)
+    if Backend.AUTO in backends or not backends or backends[-1] is not Backend.TORCH:
+        raise ValueError(f"register_op({name!r}): candidates must end with the torch reference and omit auto")
+    policy = OpPolicy(name, backends, frozenset(dtypes) if dtypes else OpPolicy.dtypes, tuple(extra))
+    _POLICIES[name] = policy
+    _resolve_cached.cache_clear()
+    return policy
+
+
+def unregister_op(name: str) -> None:
+    """Remove a row added by :func:`register_op`."""
+    _POLICIES.pop(name, None)
+    _resolve_cached.cache_clear()
+
+
+def policies() -> dict[str, OpPolicy]:
+    """The policy table: every op and its candidates, in order."""
+    return dict(_POLICIES)
+
+
+def resolve_backend(op: str, device: DeviceInfo | torch.device | str | int | None = None,
+                    dtype: torch.dtype | None = None, requested: Backend | str = Backend.AUTO, *,
+                    native: frozenset[tuple[str, str]] | None = None) -> tuple[Backend, str]:
+    """Pick the backend that runs ``op`` on ``device`` for inputs of ``dtype``.
+
+    Args:
+        op: a registered op name, e.g. ``"swiglu"``.
+        device: where the op runs; a :class:`DeviceInfo` simulates a machine.
+        dtype: the dtype of the op's floating inputs; None skips the dtype requirements.
+        requested: AUTO, or a backend that must run (else :class:`BackendUnavailableError`). When AUTO, a
+            :func:`use_backend` context, then ``FASTLORA_BACKEND_<OP>``, then ``FASTLORA_BACKEND`` decide.
+        native: the ``(op, device_type)`` pairs with a native kernel; None asks the built extension.
+
+    Returns:
+        ``(backend, reason)``.
+
+    Example:
+        >>> fastlora.resolve_backend("swiglu", "cpu", torch.float32)
+        (<Backend.CPP: 'cpp'>, 'cpp: native C++ kernel')
+    """
+    d = decide(op, device, dtype, requested, native=native)
+    return d.backend, d.reason
+
+
+def decide(op: str, device: DeviceInfo | torch.device | str | int | None = None,
+           dtype: torch.dtype | None = None, requested: Backend | str = Backend.AUTO, *,
+           native: frozenset[tuple[str, str]] | None = None) -> Decision:
+    """Like :func:`resolve_backend`, with the candidates passed over and their reasons."""
+    info = device if isinstance(device, DeviceInfo) else device_info(device)
+    want, source = _requested(op, Backend.parse(requested, what=f"{op}: requested"))
+    return _resolve_cached(op, info, dtype, want, source, native)
+
+
+def plan(device: DeviceInfo | torch.device | str | int | None = None, dtype: torch.dtype | None = None, *,
+         native: frozenset[tuple[str, str]] | None = None) -> list[Decision]:
+    """Every registered op's decision on ``device`` at ``dtype`` (default: the device's compute dtype)."""
+    info = device if isinstance(device, DeviceInfo) else device_info(device)
+    dtype = dtype or info.compute_dtype
+    return [decide(op, info, dtype, native=native) for op in sorted(policies())]
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend | str | None = None, /, **per_op: Backend | str) -> Iterator[None]:
+    """Force backends inside a ``with`` block: one for every op, and/or one per op by name.
+
+    An op forced to a backend that cannot run raises :class:`BackendUnavailableError` when called.
+
+    Example:
+        >>> with fastlora.use_backend("torch"):            # every op on the reference
+        ...     y = fastlora.swiglu(gate, up)
+        >>> with fastlora.use_backend(swiglu="triton"):    # one op
+        ...     y = fastlora.swiglu(gate, up)
+    """
+    known = policies()
+    update: dict[str, Backend] = {}
+    if backend is not None:
+        update[_GLOBAL] = Backend.parse(backend, what="use_backend")
+    for op, b in per_op.items():
+        if op not in known:
+            raise ValueError(f"use_backend: unknown op {op!r} (known: {', '.join(sorted(known))})")
+        update[op] = Backend.parse(b, what=f"use_backend({op}=...)")
+    token = _requests.set({**_requests.get(), **update})
+    try:
+        yield
+    finally:
+        _requests.reset(token)
+
+
+def _requested(op: str, requested: Backend) -> tuple[Backend, str]:
+    if requested is not Backend.AUTO:
+        return requested, "requested by the caller"
+    ctx = _requests.get()
+    for key, source in ((op, f"use_backend({op}=...)"), (_GLOBAL, "use_backend(...)")):
+        if key in ctx:
+            return ctx[key], source
+    for var in (f"FASTLORA_BACKEND_{op.upper()}", "FASTLORA_BACKEND"):
+        value = os.environ.get(var)
+        if value:
+            return Backend.parse(value, what=var), f"{var}={value}"
+    return Backend.AUTO, "auto"
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_cached(op: str, info: DeviceInfo, dtype: torch.dtype | None, want: Backend, source: str,
+                    native: frozenset[tuple[str, str]] | None) -> Decision:
+    policy = _POLICIES.get(op)
+    if policy is None:
+        known = ", ".join(sorted(policies()))
+        raise ValueError(f"resolve_backend: unknown op {op!r} (known: {known})")
+    if dtype is not None and dtype not in policy.dtypes:
+        allowed = ", ".join(sorted(str(d).removeprefix("torch.") for d in policy.dtypes))
+        raise TypeError(f"{op}: dtype {dtype} is not supported (expected one of {allowed})")
+    target = Target(op, info, dtype, native)
+    where = f"{info.name} ({info.vendor}{', ' + info.arch if info.arch else ''})"
+
+    if want is not Backend.AUTO:
+        if want not in policy.candidates:
+            have = ", ".join(b.value for b in policy.candidates)
+            raise BackendUnavailableError(
+                f"{op}: backend {want} was requested ({source}) but {op} has no {want} implementation "
+                f"(it has: {have})")
+        why = _why_not(policy, want, target, auto=False)
+        if why is not None:
+            raise BackendUnavailableError(
+                f"{op}: backend {want} was requested ({source}) but cannot run on {where}: {why}")
+        return Decision(op, want, dtype, f"{want}: {source}")
+
+    rejected: list[tuple[Backend, str]] = []
+    for backend in policy.candidates:
+        why = _why_not(policy, backend, target, auto=True)
+        if why is None:
+            decision = Decision(op, backend, dtype, f"{backend}: {_DESCRIPTION[backend]}", tuple(rejected))
+            if rejected:
+                level = logging.WARNING if info.is_gpu else logging.INFO
+                passed = "; ".join(f"{b}: {r}" for b, r in rejected)
+                log_once(level, (op, info, dtype), "%s on %s runs on %s (%s)", op, where, backend, passed)
+            return decision
+        rejected.append((backend, why))
+    raise AssertionError(f"{op}: the torch reference is always a candidate")  # register_op guarantees it
+
+
+_DESCRIPTION = {
+    Backend.TRITON: "Triton kernel",
+    Backend.CUDA: "native CUDA kernel",
+    Backend.CPP: "native C++ kernel",
+    Backend.TORCH: "PyTorch reference",
+}
+
+
+def _why_not(policy: OpPolicy, backend: Backend, t: Target, *, auto: bool) -> str | None:
+    why = _REQUIREMENTS[backend](t, auto)
+    if why is None:
+        for b, requirement in policy.extra:
+            if b is backend and (why := requirement(t)) is not None:
+                break
+    return why
+
+
+def _triton_ok(t: Target, auto: bool) -> str | None:
+    info = t.info
+    if info.device_type == "cpu" and auto:
+        return "Triton on a CPU only runs in the interpreter, which is for tests: ask for it explicitly"
+    if not info.triton_usable:
+        return info.triton_reason or "Triton is not usable on this device"
+    if info.vendor == "nvidia" and info.capability is not None and info.capability < (7, 5):
+        return f"Triton is not used below compute capability 7.5 (this GPU is {info.arch})"
+    if t.dtype == torch.bfloat16 and info.is_gpu and not info.bf16:
+        return f"{info.arch} has no bf16 in Triton: use float16"
+    return None
+
+
+def _cuda_ok(t: Target, auto: bool) -> str | None:
+    if t.info.vendor != "nvidia":
+        return f"the CUDA extension targets NVIDIA GPUs, not {t.info.vendor}"
+    if not t.has_native("cuda"):
+        return f"the native extension has no CUDA kernel for {t.op} ({_native_error() or 'not built with CUDA'})"
+    return None
+
+
+def _cpp_ok(t: Target, auto: bool) -> str | None:
+    if t.info.device_type != "cpu":
+        return f"the C++ kernel runs on the CPU, not on {t.info.device_type}"
+    if not t.has_native("cpu"):
+        return f"the native extension has no CPU kernel for {t.op} ({_native_error() or 'not in this build'})"
+    return None
+
+
+_REQUIREMENTS: dict[Backend, Callable[[Target, bool], str | None]] = {
+    Backend.TRITON: _triton_ok,
+    Backend.CUDA: _cuda_ok,
+    Backend.CPP: _cpp_ok,
+    Backend.TORCH: lambda t, auto: None,
+}
+
+
+def _native_kernels() -> frozenset[tuple[str, str]]:
+    from . import _native
+
+    return _native.kernels()
+
+
+def _native_error() -> str | None:
+    from . import _native
+
+    return _native.load_error()

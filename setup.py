@@ -1,0 +1,32 @@
+"""Only for the optional ahead-of-time native build: `FASTLORA_BUILD_EXT=1 pip install .`.
+
+Without FASTLORA_BUILD_EXT the package is pure Python (metadata in pyproject.toml) and the native extension is
+built just in time, with ninja, on first use (fastlora/_native.py).
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+
+def native_extensions():
+    if os.environ.get("FASTLORA_BUILD_EXT") != "1":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    root = Path(__file__).parent / "csrc"
+    sources = [str(p.relative_to(Path(__file__).parent)) for p in sorted(root.glob("cpu/*.cpp"))]
+    sources.append("csrc/module.cpp")
+    cuda = sorted(root.glob("cuda/*.cu"))
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and cuda:
+        sources += [str(p.relative_to(Path(__file__).parent)) for p in cuda]
+        ext = cpp_extension.CUDAExtension("fastlora._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    else:
+        ext = cpp_extension.CppExtension("fastlora._C", sources, extra_compile_args={"cxx": ["-O3"]})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = native_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
