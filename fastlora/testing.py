@@ -1,0 +1,77 @@
+"""Helpers for testing kernels against their references, and simulated devices for the dispatcher.
+
+Used by fastlora's own tests and meant for anyone adding an op: the tolerance rule of DESIGN.md in one place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .device import DeviceInfo
+
+_VERSIONS = {"torch": torch.__version__, "triton": "3.6.0", "cuda": "12.8", "hip": None}
+
+
+def _gpu(name: str, capability: tuple[int, int], *, vendor: str = "nvidia", arch: str | None = None,
+         memory_gib: int = 80) -> DeviceInfo:
+    if vendor == "nvidia":
+        arch = arch or f"sm_{capability[0]}{capability[1]}"
+        bf16 = tf32 = capability >= (8, 0)
+    else:
+        bf16, tf32 = True, False
+    return DeviceInfo(
+        vendor=vendor, device_type="cuda", index=0, name=name, capability=capability, arch=arch,
+        total_memory=memory_gib << 30, free_memory=memory_gib << 30, bf16=bf16, tf32=tf32,
+        compute_dtype=torch.bfloat16 if bf16 else torch.float16, triton_importable=True, triton_usable=True,
+        triton_reason=f"simulated triton with its {vendor} backend", versions=dict(_VERSIONS),
+    )
+
+
+#: The machines the dispatcher tests simulate (what ``device_info`` reports on each).
+SIMULATED_DEVICES: dict[str, DeviceInfo] = {
+    "h100": _gpu("NVIDIA H100 80GB HBM3", (9, 0)),
+    "a100": _gpu("NVIDIA A100-SXM4-80GB", (8, 0)),
+    "t4": _gpu("Tesla T4", (7, 5), memory_gib=16),
+    "v100": _gpu("Tesla V100-SXM2-32GB", (7, 0), memory_gib=32),
+    "mi300x": _gpu("AMD Instinct MI300X", (9, 4), vendor="amd", arch="gfx942", memory_gib=192),
+    "cpu": DeviceInfo(
+        vendor="cpu", device_type="cpu", index=None, name="Simulated x86-64", arch="AVX2", total_memory=24 << 30,
+        free_memory=20 << 30, compute_dtype=torch.float32, triton_importable=True, triton_usable=False,
+        triton_reason="Triton has no CPU backend", versions=dict(_VERSIONS), cpu_features=frozenset({"avx2"}),
+    ),
+}
+
+
+def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, torch_lowp: torch.Tensor | None = None,
+                              *, ulps: float = 1.0, atol: float = 1e-6, name: str = "output") -> None:
+    """Check a kernel's output with the tolerance rule of DESIGN.md.
+
+    The kernel's error against the fp32 ``reference`` may be at most twice the error of PyTorch's own
+    computation in the same low precision (``torch_lowp``), plus a floor of ``ulps`` units in the last place of
+    ``actual``'s dtype (stores may truncate in the Triton interpreter) and ``atol``.
+
+    Args:
+        actual: the kernel's output, any dtype.
+        reference: the fp32 (or fp64) reference, same shape.
+        torch_lowp: PyTorch's result computed in ``actual``'s dtype; None counts its error as zero.
+
+    Example:
+        >>> assert_close_to_reference(fastlora.swiglu(g, u), ref_fp32, F.silu(g) * u)
+    """
+    if actual.shape != reference.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != reference {tuple(reference.shape)}")
+    ref = reference.double()
+    got = actual.double()
+    if not torch.isfinite(got).all():
+        bad = (~torch.isfinite(got)).sum()
+        raise AssertionError(f"{name}: {int(bad)} non-finite elements (an unwritten output is NaN-poisoned)")
+    torch_err = (torch_lowp.double() - ref).abs().max() if torch_lowp is not None else torch.zeros((), dtype=ref.dtype)
+    eps = torch.finfo(actual.dtype).eps if actual.is_floating_point() else 0.0
+    bound = 2 * torch_err + ulps * eps * ref.abs() + atol
+    err = (got - ref).abs()
+    if (err > bound).any():
+        i = int((err - bound).argmax())
+        raise AssertionError(
+            f"{name}: max error {float(err.max()):.3e} exceeds the bound (2 x torch's {float(torch_err):.3e} "
+            f"+ {ulps} ulp + {atol:g}); worst element {i}: got {float(got.flatten()[i])}, "
+            f"reference {float(ref.flatten()[i])}")

@@ -1,0 +1,48 @@
+"""Test setup: the Triton interpreter on machines without a GPU, the gpu marker, and NaN-poisoned outputs."""
+
+import os
+
+import torch
+
+# Triton decides at kernel definition whether to interpret, so this must happen before any kernel module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastlora.kernels._utils as kernel_utils  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def poison_allocations(monkeypatch):
+    """Every buffer fastlora allocates starts as NaN, so an unwritten output element cannot pass."""
+    monkeypatch.setattr(kernel_utils, "POISON", True)
+    yield
+
+
+@pytest.fixture
+def device():
+    """Where the kernels under test run: the GPU when there is one, else the CPU (Triton interpreted)."""
+    return torch.device("cuda") if HAS_CUDA else torch.device("cpu")
+
+
+@pytest.fixture
+def triton_device(device):
+    """The device, or a skip when Triton cannot run there (not installed, or no GPU and no interpreter)."""
+    import fastlora
+
+    info = fastlora.device_info(device)
+    if not info.triton_usable:
+        pytest.skip(f"Triton unusable here: {info.triton_reason}")
+    return device
