@@ -123,7 +123,7 @@ def _probe(device: str) -> DeviceInfo:
 def _probe_cuda(dev: torch.device, versions: dict[str, str | None]) -> DeviceInfo:
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
-    free, total = torch.cuda.mem_get_info(index)
+    free, _ = torch.cuda.mem_get_info(index)
     capability = (props.major, props.minor)
     if torch.version.hip:
         arch = props.gcnArchName.split(":")[0]
@@ -135,7 +135,7 @@ def _probe_cuda(dev: torch.device, versions: dict[str, str | None]) -> DeviceInf
         vendor = "nvidia"
     return DeviceInfo(
         vendor=vendor, device_type="cuda", index=index, name=props.name, capability=capability, arch=arch,
-        total_memory=total, free_memory=free, bf16=bf16, tf32=tf32,
+        total_memory=props.total_memory, free_memory=free, bf16=bf16, tf32=tf32,
         compute_dtype=torch.bfloat16 if bf16 else torch.float16, versions=versions,
     )
 
