@@ -100,7 +100,7 @@ def _normalize(device: torch.device | str | int | None) -> str:
     return str(dev)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(device: str) -> DeviceInfo:
     dev = torch.device(device)
     versions = package_versions()

@@ -13,8 +13,9 @@ import enum
 import functools
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -93,7 +94,8 @@ class Decision:
 _POLICIES: dict[str, OpPolicy] = {
     "swiglu": OpPolicy("swiglu", (Backend.TRITON, Backend.CPP, Backend.TORCH)),
 }
-_requests: contextvars.ContextVar[dict[str, Backend]] = contextvars.ContextVar("fastlora_backend", default={})
+_requests: contextvars.ContextVar[Mapping[str, Backend]] = contextvars.ContextVar(
+    "fastlora_backend", default=MappingProxyType({}))
 _GLOBAL = "*"
 
 

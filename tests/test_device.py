@@ -3,9 +3,8 @@ import json
 import pytest
 import torch
 
-import fastlora.testing  # noqa: F401
-
 import fastlora
+import fastlora.testing  # noqa: F401
 from fastlora.device import DeviceInfo, device_info
 
 
