@@ -96,8 +96,10 @@ def _load() -> str:
         importlib.import_module("fastlora._C")
         return "ahead-of-time build fastlora._C"
     except ModuleNotFoundError:
-        pass
-    return _build_jit()
+        return _build_jit()
+    except ImportError as e:  # built against another torch: the sources may still build
+        logger.warning("fastlora._C does not load (%s); building the extension just in time instead", e)
+        return _build_jit()
 
 
 def _build_jit() -> str:

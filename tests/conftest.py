@@ -8,8 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastlora.kernels._utils as kernel_utils  # noqa: E402
 import pytest  # noqa: E402
+
+import fastlora.kernels._utils as kernel_utils  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
