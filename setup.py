@@ -9,6 +9,10 @@ from pathlib import Path
 
 from setuptools import setup
 
+# The same flags as the just-in-time build (fastlora/_native.py says why), without -march=native: a wheel runs
+# on other machines.
+CXX_FLAGS = ["-O3", "-fno-trapping-math"]
+
 
 def native_extensions():
     if os.environ.get("FASTLORA_BUILD_EXT") != "1":
@@ -22,9 +26,10 @@ def native_extensions():
     cuda = sorted(root.glob("cuda/*.cu"))
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and cuda:
         sources += [str(p.relative_to(Path(__file__).parent)) for p in cuda]
-        ext = cpp_extension.CUDAExtension("fastlora._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+        flags = {"cxx": CXX_FLAGS, "nvcc": ["-O3"]}
+        ext = cpp_extension.CUDAExtension("fastlora._C", sources, extra_compile_args=flags)
     else:
-        ext = cpp_extension.CppExtension("fastlora._C", sources, extra_compile_args={"cxx": ["-O3"]})
+        ext = cpp_extension.CppExtension("fastlora._C", sources, extra_compile_args={"cxx": CXX_FLAGS})
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
