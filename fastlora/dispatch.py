@@ -46,6 +46,9 @@ class Backend(str, enum.Enum):
         return self.value
 
 
+_BY_NAME: dict[str, Backend] = {b.value: b for b in Backend}
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this op here."""
 
@@ -157,7 +160,9 @@ def decide(op: str, device: DeviceInfo | torch.device | str | int | None = None,
            native: frozenset[tuple[str, str]] | None = None) -> Decision:
     """Like :func:`resolve_backend`, with the candidates passed over and their reasons."""
     info = device if isinstance(device, DeviceInfo) else device_info(device)
-    want, source = _requested(op, Backend.parse(requested, what=f"{op}: requested"))
+    # decide() runs on every op call: a dict lookup spares the common case the enum machinery.
+    parsed = _BY_NAME.get(requested) if isinstance(requested, str) else None
+    want, source = _requested(op, parsed or Backend.parse(requested, what=f"{op}: requested"))
     return _resolve_cached(op, info, dtype, want, source, native)
 
 
@@ -200,14 +205,20 @@ def _requested(op: str, requested: Backend) -> tuple[Backend, str]:
     if requested is not Backend.AUTO:
         return requested, "requested by the caller"
     ctx = _requests.get()
-    for key, source in ((op, f"use_backend({op}=...)"), (_GLOBAL, "use_backend(...)")):
-        if key in ctx:
-            return ctx[key], source
-    for var in (f"FASTLORA_BACKEND_{op.upper()}", "FASTLORA_BACKEND"):
+    if ctx:
+        for key, source in ((op, f"use_backend({op}=...)"), (_GLOBAL, "use_backend(...)")):
+            if key in ctx:
+                return ctx[key], source
+    for var in _env_names(op):
         value = os.environ.get(var)
         if value:
             return Backend.parse(value, what=var), f"{var}={value}"
     return Backend.AUTO, "auto"
+
+
+@functools.cache
+def _env_names(op: str) -> tuple[str, str]:
+    return f"FASTLORA_BACKEND_{op.upper()}", "FASTLORA_BACKEND"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,7 +1,7 @@
 """SwiGLU, ``silu(gate) * up``: the gated activation of Llama-style MLPs.
 
-The stack: reference -> registered ops (``fastlora::swiglu_fwd`` / ``fastlora::swiglu_bwd``) that run the
-backend the dispatcher picks -> autograd.Function -> :func:`swiglu`. The backend is resolved inside the op, at
+The stack: reference -> registered ops (``fastlora::swiglu_fwd`` / ``fastlora::swiglu_bwd``, with fakes) that
+run the backend the dispatcher picks -> autograd.Function -> :func:`swiglu`. The backend is resolved inside the op, at
 run time, so a compiled graph follows ``use_backend`` and ``FASTLORA_BACKEND`` like eager code does.
 """
 
@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import Backend, resolve_backend
+from ..kernels._utils import empty_like
+from ._library import define
 
 _OP = "swiglu"
 _BACKENDS = frozenset(b.value for b in Backend)
@@ -30,49 +32,46 @@ def swiglu_backward_reference(grad: torch.Tensor, gate: torch.Tensor,
     return dgate.to(gate.dtype), dup.to(up.dtype)
 
 
-@torch.library.custom_op("fastlora::swiglu_fwd", mutates_args=())
-def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     b, _ = resolve_backend(_OP, gate.device, gate.dtype, backend)
     if b is Backend.TRITON:
         from ..kernels import swiglu as kernels
 
         return kernels.swiglu_fwd(gate, up)
     if b is Backend.CPP:
-        from ..kernels._utils import empty_like
-
         out = empty_like(gate)
         torch.ops.fastlora.native_swiglu_fwd(gate, up, out)
         return out
     return swiglu_reference(gate, up)
 
 
-@swiglu_fwd.register_fake
-def _(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def _swiglu_fwd_fake(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastlora::swiglu_bwd", mutates_args=())
-def swiglu_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     b, _ = resolve_backend(_OP, gate.device, gate.dtype, backend)
     if b is Backend.TRITON:
         from ..kernels import swiglu as kernels
 
         return kernels.swiglu_bwd(grad, gate, up)
     if b is Backend.CPP:
-        from ..kernels._utils import empty_like
-
         dgate, dup = empty_like(gate), empty_like(up)
         torch.ops.fastlora.native_swiglu_bwd(grad, gate, up, dgate, dup)
         return dgate, dup
     return swiglu_backward_reference(grad, gate, up)
 
 
-@swiglu_bwd.register_fake
-def _(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
-      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def _swiglu_bwd_fake(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     fmt = torch.contiguous_format
     return torch.empty_like(gate, memory_format=fmt), torch.empty_like(up, memory_format=fmt)
+
+
+define("swiglu_fwd(Tensor gate, Tensor up, str backend='auto') -> Tensor", _swiglu_fwd, _swiglu_fwd_fake)
+define("swiglu_bwd(Tensor grad, Tensor gate, Tensor up, str backend='auto') -> (Tensor, Tensor)", _swiglu_bwd,
+       _swiglu_bwd_fake)
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -118,4 +117,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Backend | str = "au
     name = backend.value if isinstance(backend, Backend) else str(backend).lower()
     if name not in _BACKENDS:
         raise ValueError(f"swiglu: unknown backend {backend!r} (expected one of {', '.join(sorted(_BACKENDS))})")
-    return SwiGLUFunction.apply(gate.contiguous(), up.contiguous(), name)
+    gate, up = gate.contiguous(), up.contiguous()
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLUFunction.apply(gate, up, name)
+    # No graph to record: skip autograd.Function, whose apply costs more than the op itself on small inputs.
+    return torch.ops.fastlora.swiglu_fwd(gate, up, name)
