@@ -127,7 +127,12 @@ def unregister_op(name: str) -> None:
 
 
 def policies() -> dict[str, OpPolicy]:
-    """The policy table: every op and its candidates, in order."""
+    """The policy table: every op and its candidates, in order.
+
+    Example:
+        >>> policies()["swiglu"].candidates
+        (<Backend.TRITON: 'triton'>, <Backend.CPP: 'cpp'>, <Backend.TORCH: 'torch'>)
+    """
     return dict(_POLICIES)
 
 
@@ -158,7 +163,14 @@ def resolve_backend(op: str, device: DeviceInfo | torch.device | str | int | Non
 def decide(op: str, device: DeviceInfo | torch.device | str | int | None = None,
            dtype: torch.dtype | None = None, requested: Backend | str = Backend.AUTO, *,
            native: frozenset[tuple[str, str]] | None = None) -> Decision:
-    """Like :func:`resolve_backend`, with the candidates passed over and their reasons."""
+    """Like :func:`resolve_backend`, with the candidates passed over and their reasons.
+
+    Example:
+        >>> from fastlora.testing import SIMULATED_DEVICES
+        >>> d = decide("swiglu", SIMULATED_DEVICES["t4"], torch.bfloat16)
+        >>> d.backend, d.rejected[0][1]
+        (<Backend.TORCH: 'torch'>, 'sm_75 has no bf16 in Triton: use float16')
+    """
     info = device if isinstance(device, DeviceInfo) else device_info(device)
     # decide() runs on every op call: a dict lookup spares the common case the enum machinery.
     parsed = _BY_NAME.get(requested) if isinstance(requested, str) else None
@@ -168,7 +180,12 @@ def decide(op: str, device: DeviceInfo | torch.device | str | int | None = None,
 
 def plan(device: DeviceInfo | torch.device | str | int | None = None, dtype: torch.dtype | None = None, *,
          native: frozenset[tuple[str, str]] | None = None) -> list[Decision]:
-    """Every registered op's decision on ``device`` at ``dtype`` (default: the device's compute dtype)."""
+    """Every registered op's decision on ``device`` at ``dtype`` (default: the device's compute dtype).
+
+    Example:
+        >>> [(d.op, d.backend.value) for d in plan(SIMULATED_DEVICES["h100"])]
+        [('swiglu', 'triton')]
+    """
     info = device if isinstance(device, DeviceInfo) else device_info(device)
     dtype = dtype or info.compute_dtype
     return [decide(op, info, dtype, native=native) for op in sorted(policies())]
