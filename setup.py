@@ -11,7 +11,7 @@ from setuptools import setup
 
 # The same flags as the just-in-time build (fastlora/_native.py says why), without -march=native: a wheel runs
 # on other machines.
-CXX_FLAGS = ["-O3", "-fno-trapping-math"]
+CXX_FLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
 
 
 def native_extensions():

@@ -31,7 +31,9 @@ NATIVE_OPS: dict[str, tuple[str, ...]] = {
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC will not
 # if-convert the clamps of csrc/cpu's exp, so those loops stay scalar (3-5x slower).
-CXX_FLAGS = ("-O3", "-fno-trapping-math")
+# -fopenmp: at::parallel_for is inline OpenMP; without the flag it silently runs on one thread. Not linked: the
+# GOMP symbols resolve to the libgomp torch already loaded, so the process keeps one OpenMP runtime.
+CXX_FLAGS = ("-O3", "-fno-trapping-math", "-fopenmp")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": how it was loaded, or "error": why it was not
