@@ -63,7 +63,8 @@ def results_dir(override: str | os.PathLike[str] | None = None) -> Path:
 
 @functools.cache
 def fastlora_commit() -> str:
-    """The short commit of the checkout fastlora is imported from, or "" when it is not a git checkout.
+    """The short commit of the checkout fastlora is imported from, "-dirty" when its code has uncommitted changes,
+    or "" when it is not a git checkout.
 
     Example:
         >>> fastlora_commit()
@@ -74,9 +75,16 @@ def fastlora_commit() -> str:
     # (a virtualenv in a project) must not report that project's commit.
     if not (root / ".git").exists():
         return ""
+    head = _git(root, "rev-parse", "--short", "HEAD")
+    # The result files themselves change with every run: only changes elsewhere make the measured code differ.
+    changes = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    return f"{head}-dirty" if head and changes else head
+
+
+def _git(root: Path, *args: str) -> str:
     try:
-        done = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=False)
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
+                              check=False)
     except (OSError, subprocess.SubprocessError):
         return ""
     return done.stdout.strip() if done.returncode == 0 else ""
