@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmark the kernels against torch, torch.compile and peers")
     argv = sys.argv[1:] if argv is None else argv
     # The harness is imported only for `bench`, so that `env` keeps working when it cannot be.
-    if "bench" in argv:
+    if next((a for a in argv if not a.startswith("-")), None) == "bench":
         from .benchmarks import cli as bench_cli
 
         bench_cli.add_arguments(bench)

@@ -63,14 +63,14 @@ def test_env_warns_about_driver_without_cuda_torch(monkeypatch):
     assert any("NVIDIA driver present but torch has no CUDA" in w for w in env._warnings(fastlora.device_info()))
 
 
-# Run in a fresh interpreter where `import triton` fails, as on a machine without it.
+# Run in a fresh interpreter where `import triton` and `import bitsandbytes` fail, as on a machine without them.
 _BLOCK_TRITON = textwrap.dedent("""
     import sys
-    class _NoTriton:
+    class _Blocked:
         def find_spec(self, name, path=None, target=None):
-            if name == "triton" or name.startswith("triton."):
-                raise ImportError("triton is blocked for this test")
-    sys.meta_path.insert(0, _NoTriton())
+            if name.split(".")[0] in ("triton", "bitsandbytes"):
+                raise ImportError(f"{name} is blocked for this test")
+    sys.meta_path.insert(0, _Blocked())
 """)
 
 
