@@ -17,7 +17,7 @@ import importlib.metadata
 
 from .device import DeviceInfo, device_info
 from .dispatch import Backend, BackendUnavailableError, resolve_backend, use_backend
-from .ops import swiglu
+from .ops import NF4Weight, dequantize_nf4, quantize_nf4, swiglu
 
 try:
     __version__ = importlib.metadata.version("fastlora")
@@ -28,7 +28,10 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "DeviceInfo",
+    "NF4Weight",
+    "dequantize_nf4",
     "device_info",
+    "quantize_nf4",
     "resolve_backend",
     "swiglu",
     "use_backend",

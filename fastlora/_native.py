@@ -27,6 +27,7 @@ from .device import device_info
 # all of them do.
 NATIVE_OPS: dict[str, tuple[str, ...]] = {
     "swiglu": ("native_swiglu_fwd", "native_swiglu_bwd"),
+    "nf4_dequantize": ("native_nf4_dequantize",),
 }
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC will not

@@ -96,6 +96,8 @@ class Decision:
 # below, and an op's own extra ones sit in its row. A new op adds its row here when its kernels land.
 _POLICIES: dict[str, OpPolicy] = {
     "swiglu": OpPolicy("swiglu", (Backend.TRITON, Backend.CPP, Backend.TORCH)),
+    # dtype is the output's: the packed weight is uint8 whatever it dequantizes to.
+    "nf4_dequantize": OpPolicy("nf4_dequantize", (Backend.TRITON, Backend.CUDA, Backend.CPP, Backend.TORCH)),
 }
 _requests: contextvars.ContextVar[Mapping[str, Backend]] = contextvars.ContextVar(
     "fastlora_backend", default=MappingProxyType({}))

@@ -11,18 +11,19 @@ T, CU, CPP, TORCH = Backend.TRITON, Backend.CUDA, Backend.CPP, Backend.TORCH
 bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 
 # A native build with every kernel it could have, and one with none (a failed build).
-NATIVE_ALL = frozenset((op, dev) for op in ("swiglu", "fake_op") for dev in ("cpu", "cuda"))
+NATIVE_ALL = frozenset((op, dev) for op in ("swiglu", "nf4_dequantize", "fake_op") for dev in ("cpu", "cuda"))
 NATIVE_NONE: frozenset = frozenset()
 
 # What each simulated machine must choose for every op in the table, at its recommended dtype, with the
 # native extension built. A new op adds its column here.
 EXPECTED = {
-    "h100": (bf16, {"swiglu": T}),
-    "a100": (bf16, {"swiglu": T}),
-    "t4": (fp16, {"swiglu": T}),
-    "v100": (fp16, {"swiglu": TORCH}),  # swiglu has no CUDA kernel and Triton skips Volta
-    "mi300x": (bf16, {"swiglu": T}),
-    "cpu": (fp32, {"swiglu": CPP}),
+    "h100": (bf16, {"swiglu": T, "nf4_dequantize": T}),
+    "a100": (bf16, {"swiglu": T, "nf4_dequantize": T}),
+    "t4": (fp16, {"swiglu": T, "nf4_dequantize": T}),
+    # Triton skips Volta: the CUDA extension where the op has one, else the reference
+    "v100": (fp16, {"swiglu": TORCH, "nf4_dequantize": CU}),
+    "mi300x": (bf16, {"swiglu": T, "nf4_dequantize": T}),
+    "cpu": (fp32, {"swiglu": CPP, "nf4_dequantize": CPP}),
 }
 
 

@@ -92,6 +92,10 @@ def test_import_and_env_without_triton():
         g = torch.randn(5, 7)
         y = fastlora.swiglu(g, g)
         torch.testing.assert_close(y, fastlora.ops.swiglu_reference(g, g))
+        w = fastlora.quantize_nf4(torch.randn(8, 70), blocksize=32)
+        backend, _ = fastlora.resolve_backend("nf4_dequantize", "cpu", torch.float32)
+        assert backend in (fastlora.Backend.CPP, fastlora.Backend.TORCH), backend
+        assert torch.equal(fastlora.dequantize_nf4(w), fastlora.dequantize_nf4(w, backend="torch"))
         from fastlora.cli import main
         sys.exit(main(["env"]))
     """)

@@ -1,5 +1,7 @@
 """The ops: references, torch.library registrations, autograd Functions and the functional API."""
 
+from .nf4 import dequantize_nf4
+from .nf4_weight import NF4Weight, quantize_nf4
 from .swiglu import swiglu, swiglu_reference
 
-__all__ = ["swiglu", "swiglu_reference"]
+__all__ = ["NF4Weight", "dequantize_nf4", "quantize_nf4", "swiglu", "swiglu_reference"]

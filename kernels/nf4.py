@@ -1,0 +1,59 @@
+"""NF4 dequantization: one launch decodes both absmax levels and the nibbles, bit-exact with bitsandbytes."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import NF4_CODE
+
+# Output elements per program: 512 packed bytes, loaded as wide contiguous vectors.
+_BLOCK = 1024
+
+
+@triton.jit
+def nf4_dequantize_fwd_kernel(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_out, numel,
+                              NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
+    HALF: tl.constexpr = BLOCK // 2
+    i_b = tl.program_id(0).to(tl.int64)  # int64: an 8B model's largest layer alone has 2**29 bytes
+    o_byte = i_b * HALF + tl.arange(0, HALF)  # [HALF]
+    m_byte = o_byte < (numel + 1) // 2
+    b_byte = tl.load(p_data + o_byte, mask=m_byte, other=0).to(tl.int32)  # [HALF]
+    # Blocksizes are even, so both elements of a byte share their absmax block.
+    o_blk = o_byte // (BLOCKSIZE // 2)  # [HALF]
+    if NESTED:
+        b_q = tl.load(p_absmax + o_blk, mask=m_byte, other=0).to(tl.int32)
+        b_code = tl.load(p_code2 + b_q, mask=m_byte, other=0.0)
+        b_scale2 = tl.load(p_absmax2 + o_blk // 256, mask=m_byte, other=0.0)
+        # Multiply, round, add, round: the launcher turns fp fusion off so this stays bitsandbytes' arithmetic.
+        b_scale = b_code * b_scale2 + tl.load(p_offset)
+    else:
+        b_scale = tl.load(p_absmax + o_blk, mask=m_byte, other=0.0)
+    b_hi = tl.load(p_nf4 + (b_byte >> 4)) * b_scale  # [HALF] even elements
+    b_lo = tl.load(p_nf4 + (b_byte & 0xF)) * b_scale  # [HALF] odd elements
+    b_out = tl.reshape(tl.join(b_hi, b_lo), (BLOCK,))  # [BLOCK] interleaved back into element order
+    o_out = i_b * BLOCK + tl.arange(0, BLOCK)
+    tl.store(p_out + o_out, b_out.to(p_out.dtype.element_ty), mask=o_out < numel)
+
+
+@functools.cache
+def _nf4_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def nf4_dequantize(data: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.Tensor | None,
+                   absmax2: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int, numel: int,
+                   out: torch.Tensor) -> None:
+    """Write the ``numel`` dequantized elements into the flat contiguous ``out`` (its dtype sets the output's)."""
+    if numel == 0:
+        return
+    nested = absmax_code is not None
+    # Unused pointers of the plain layout point at absmax; NESTED prunes their loads at compile time.
+    code2, scale2, off = (absmax_code, absmax2, offset) if nested else (absmax, absmax, absmax)
+    nf4_dequantize_fwd_kernel[(triton.cdiv(numel, _BLOCK),)](
+        data, absmax, code2, scale2, off, _nf4_table(data.device), out, numel,
+        NESTED=nested, BLOCKSIZE=blocksize, BLOCK=_BLOCK, enable_fp_fusion=False,
+    )
