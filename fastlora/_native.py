@@ -110,7 +110,12 @@ def _load() -> str:
 
 
 def _build_jit() -> str:
-    with_cuda = torch.version.cuda is not None and torch.cuda.is_available()
+    from torch.utils import cpp_extension
+
+    # The CUDA kernels need nvcc; without a toolkit the C++ kernels still build.
+    with_cuda = torch.version.cuda is not None and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    if torch.version.cuda is not None and torch.cuda.is_available() and not with_cuda:
+        logger.info("no CUDA toolkit found (CUDA_HOME): building the C++ kernels only")
     files = source_files(with_cuda)
     if not files:
         raise FileNotFoundError(f"no C++ sources under {sources_dir()} (install from a checkout, or build ahead "
@@ -118,7 +123,6 @@ def _build_jit() -> str:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH)")
-    from torch.utils import cpp_extension
 
     cpp_extension.verify_ninja_availability()
     # The build directory is named after the sources and the torch build, so an edit or a torch upgrade

@@ -71,6 +71,7 @@ void nf4_dequantize(const at::Tensor& data, const at::Tensor& absmax, const std:
   const float* code = nullptr;
   const float* scale2 = nullptr;
   float off = 0.0f;
+  at::Tensor code_table;  // keeps a contiguous copy alive while the loops read it
   if (nested) {
     check(absmax.scalar_type() == at::kByte, "absmax must be uint8 codes with double quantization");
     check(absmax_code->scalar_type() == at::kFloat && absmax_code->numel() == 256, "absmax_code must be fp32[256]");
@@ -78,7 +79,8 @@ void nf4_dequantize(const at::Tensor& data, const at::Tensor& absmax, const std:
               absmax2->numel() == (blocks + kAbsmaxBlock - 1) / kAbsmaxBlock,
           "absmax2 must hold one fp32 value per 256 blocks");
     check(offset->scalar_type() == at::kFloat && offset->numel() == 1, "offset must be an fp32 scalar");
-    code = absmax_code->contiguous().const_data_ptr<float>();
+    code_table = absmax_code->contiguous();
+    code = code_table.const_data_ptr<float>();
     scale2 = absmax2->const_data_ptr<float>();
     off = offset->item<float>();  // a CPU scalar: no device sync
   } else {
