@@ -71,7 +71,9 @@ def kernels() -> frozenset[tuple[str, str]]:
     found = set()
     for op, names in NATIVE_OPS.items():
         for device_type, key in _DISPATCH_KEYS.items():
-            if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastlora::{n}", key) for n in names):
+            # hasattr first: a build older than this Python code may lack an op altogether.
+            if all(hasattr(torch.ops.fastlora, n)
+                   and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastlora::{n}", key) for n in names):
                 found.add((op, device_type))
     return frozenset(found)
 

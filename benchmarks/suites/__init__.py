@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..harness import Suite
-from . import roofline, swiglu
+from . import nf4, roofline, swiglu
 
-SUITES: dict[str, Suite] = {s.name: s for s in (roofline.SUITE, swiglu.SUITE)}
+SUITES: dict[str, Suite] = {s.name: s for s in (roofline.SUITE, swiglu.SUITE, nf4.SUITE)}
 
 
 def select(names: Iterable[str] | None = None) -> list[Suite]:
