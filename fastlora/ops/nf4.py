@@ -39,7 +39,11 @@ def nf4_dequantize_reference(data: torch.Tensor, absmax: torch.Tensor, absmax_co
     return (values * scales.repeat_interleave(blocksize)[:numel]).to(dtype)
 
 
-def _run(data, absmax, absmax_code, absmax2, offset, blocksize, numel, out, backend):  # noqa: ANN001, ANN202
+_Opt = torch.Tensor | None
+
+
+def _run(data: torch.Tensor, absmax: torch.Tensor, absmax_code: _Opt, absmax2: _Opt, offset: _Opt, blocksize: int,
+         numel: int, out: torch.Tensor, backend: str) -> None:
     b, _ = resolve_backend(_OP, data.device, out.dtype, backend)
     if b is Backend.TRITON:
         from ..kernels import nf4 as kernels
@@ -51,21 +55,26 @@ def _run(data, absmax, absmax_code, absmax2, offset, blocksize, numel, out, back
         out.copy_(nf4_dequantize_reference(data, absmax, absmax_code, absmax2, offset, blocksize, numel, out.dtype))
 
 
-def _nf4_dequantize(data, absmax, absmax_code, absmax2, offset, blocksize, numel, dtype, backend="auto"):  # noqa: ANN001, ANN202
+def _nf4_dequantize(data: torch.Tensor, absmax: torch.Tensor, absmax_code: _Opt, absmax2: _Opt, offset: _Opt,
+                    blocksize: int, numel: int, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
     out = empty((numel,), dtype=dtype, device=data.device)
     _run(data, absmax, absmax_code, absmax2, offset, blocksize, numel, out, backend)
     return out
 
 
-def _nf4_dequantize_fake(data, absmax, absmax_code, absmax2, offset, blocksize, numel, dtype, backend="auto"):  # noqa: ANN001, ANN202
+def _nf4_dequantize_fake(data: torch.Tensor, absmax: torch.Tensor, absmax_code: _Opt, absmax2: _Opt, offset: _Opt,
+                         blocksize: int, numel: int, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
     return data.new_empty((numel,), dtype=dtype)
 
 
-def _nf4_dequantize_out(data, absmax, absmax_code, absmax2, offset, blocksize, numel, out, backend="auto"):  # noqa: ANN001, ANN202
+def _nf4_dequantize_out(data: torch.Tensor, absmax: torch.Tensor, absmax_code: _Opt, absmax2: _Opt, offset: _Opt,
+                        blocksize: int, numel: int, out: torch.Tensor, backend: str = "auto") -> None:
     _run(data, absmax, absmax_code, absmax2, offset, blocksize, numel, out, backend)
 
 
-def _nf4_dequantize_out_fake(data, absmax, absmax_code, absmax2, offset, blocksize, numel, out, backend="auto"):  # noqa: ANN001, ANN202
+def _nf4_dequantize_out_fake(data: torch.Tensor, absmax: torch.Tensor, absmax_code: _Opt, absmax2: _Opt,
+                             offset: _Opt, blocksize: int, numel: int, out: torch.Tensor,
+                             backend: str = "auto") -> None:
     return None
 
 
