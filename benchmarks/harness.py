@@ -48,6 +48,9 @@ class Provider:
 
     name: str
     kind: str = "fastlora"
+    # torch.compile'd: it compiles on its first call, which takes tens of seconds on a CPU (so quick CPU runs skip
+    # it), and a compiler that cannot run here makes it unavailable rather than an error.
+    compiled: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,13 +276,21 @@ def prepare(suite: Suite, provider: Provider, mode: str, shape: Shape, device: t
     base = Result(suite=suite.name, provider=provider.name, kind=provider.kind, mode=mode,
                   shape=suite.label(shape), dtype=str(dtype).removeprefix("torch."), status="ok")
     why = suite.skip(provider.name, device, quick) if suite.skip is not None else None
+    if not why and provider.compiled and quick and device.type == "cpu":
+        why = "torch.compile takes tens of seconds to compile on the CPU: not run in quick mode"
     if why:
         return None, dataclasses.replace(base, status="skipped", reason=why)
     try:
         case = suite.make(provider.name, mode, shape, device, dtype)
+        if provider.compiled:
+            case.results()  # compile now, so that a compiler failure is told apart from a wrong result
     except Unavailable as e:
         return None, dataclasses.replace(base, status="skipped", reason=str(e))
     except Exception as e:
+        if provider.compiled:
+            first = (str(e).splitlines() or [""])[0]
+            return None, dataclasses.replace(base, status="skipped",
+                                             reason=f"torch.compile failed: {type(e).__name__}: {first}")
         logger.exception("%s/%s: building the %s case failed", suite.name, provider.name, mode)
         return None, dataclasses.replace(base, status="error", reason=f"{type(e).__name__}: {e}")
     base = dataclasses.replace(base, work=case.work)

@@ -253,3 +253,23 @@ def test_cli_fails_when_a_fastlora_provider_fails_the_gate(capsys: pytest.Captur
     captured = capsys.readouterr()
     assert "FAILED gate" in captured.out and "disagrees with torch" in captured.out
     assert "failed the correctness gate" in captured.err
+
+
+def test_compiled_providers_are_skipped_when_quick_on_cpu_or_when_compiling_fails() -> None:
+    def make(provider: str, mode: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Case:
+        x = harness.randn(shape, device=device, dtype=dtype)
+        if provider == "broken-compile":
+            def fail() -> torch.Tensor:
+                raise RuntimeError("InductorError: no C++ compiler")
+            return Case(fn=fail, work=Work(bytes=x.nbytes))
+        return Case(fn=lambda: x * 2, work=Work(bytes=2 * x.nbytes))
+
+    suite = Suite(name="compiled", providers=(Provider("torch", "reference"),
+                                              Provider("broken-compile", "baseline", compiled=True)),
+                  modes=("forward",), shapes=Shapes(gpu=((8,),), cpu=((8,),), cpu_quick=((8,),)), make=make)
+    quick = {r.provider: r for r in harness.run_suite(suite, CPU, quick=True)}
+    assert quick["broken-compile"].status == "skipped" and "quick mode" in quick["broken-compile"].reason
+    full = {r.provider: r for r in harness.run_suite(suite, CPU, quick=False)}
+    assert full["broken-compile"].status == "skipped"
+    assert full["broken-compile"].reason == "torch.compile failed: RuntimeError: InductorError: no C++ compiler"
+    assert full["torch"].status == "ok"
