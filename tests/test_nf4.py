@@ -113,14 +113,20 @@ def test_triton_is_bit_exact(triton_device):
     _check_backend("triton", triton_device)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-def test_out_buffer_is_written_and_returned(backend, device):
+def _device_for(backend, device):
+    """Where ``backend`` runs in this test session, or a skip."""
     if backend == "cpp":
-        device = torch.device("cpu")
         if ("nf4_dequantize", "cpu") not in fastlora.dispatch._native_kernels():
-            pytest.skip("native extension unavailable")
+            pytest.skip(f"native extension unavailable: {fastlora._native.load_error()}")
+        return torch.device("cpu")
     if backend == "triton" and not fastlora.device_info(device).triton_usable:
         pytest.skip("Triton unusable here")
+    return device
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_out_buffer_is_written_and_returned(backend, device):
+    device = _device_for(backend, device)
     w = fastlora.quantize_nf4(_weight((37, 96), torch.float32, seed=3).to(device), blocksize=64)
     out = torch.full((37, 96), float("nan"), device=device)
     assert fastlora.dequantize_nf4(w, out=out, backend=backend) is out
@@ -215,12 +221,7 @@ def test_bad_input_names_the_argument():
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_opcheck(backend, device):
-    if backend == "cpp":
-        device = torch.device("cpu")
-        if ("nf4_dequantize", "cpu") not in fastlora.dispatch._native_kernels():
-            pytest.skip("native extension unavailable")
-    if backend == "triton" and not fastlora.device_info(device).triton_usable:
-        pytest.skip("Triton unusable here")
+    device = _device_for(backend, device)
     for nested in (False, True):
         w = fastlora.quantize_nf4(_weight((9, 70), torch.float32).to(device), blocksize=32, double_quant=nested)
         args = (w.data, w.absmax, w.absmax_code, w.absmax2, w.offset, w.blocksize, w.numel)
