@@ -72,8 +72,8 @@ def randn(shape: Shape, *, device: torch.device, dtype: torch.dtype, seed: int =
     return out.mul_(scale) if scale != 1.0 else out
 
 
-def autograd_case(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], mode: str, *,
-                  forward: Work, backward: Work, requires_grad: Sequence[bool] | None = None,
+def autograd_case(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], inputs: Sequence[torch.Tensor],
+                  mode: str, *, forward: Work, backward: Work, requires_grad: Sequence[bool] | None = None,
                   seed: int = 1000) -> Case:
     """The case for ``mode`` of a differentiable ``fn(*inputs)``.
 
@@ -98,23 +98,29 @@ def autograd_case(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor
     flags = requires_grad if requires_grad is not None else [t.is_floating_point() for t in inputs]
     leaves = [t.detach().requires_grad_(bool(f)) for t, f in zip(inputs, flags, strict=True)]
     wrt = [t for t in leaves if t.requires_grad]
-    out = fn(*leaves)
-    grad = randn(tuple(out.shape), device=out.device, dtype=out.dtype, seed=seed)
+    outs = _as_tuple(fn(*leaves))
+    grads = tuple(randn(tuple(o.shape), device=o.device, dtype=o.dtype, seed=seed + i) for i, o in enumerate(outs))
     if mode == "backward":
-        return _backward_case(out, wrt, grad, backward)
-    return _full_case(fn, leaves, wrt, grad, forward + backward)
+        return _backward_case(outs, wrt, grads, backward)
+    return _full_case(fn, leaves, wrt, grads, forward + backward)
 
 
-def _backward_case(out: torch.Tensor, wrt: list[torch.Tensor], grad: torch.Tensor, work: Work) -> Case:
-    return Case(fn=lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True), work=work)
+def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    # Ops such as RoPE return several tensors; each gets its own upstream gradient.
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _backward_case(outs: tuple[torch.Tensor, ...], wrt: list[torch.Tensor], grads: tuple[torch.Tensor, ...],
+                   work: Work) -> Case:
+    return Case(fn=lambda: torch.autograd.grad(outs, wrt, grads, retain_graph=True), work=work)
 
 
 def _full_case(fn: Callable[..., torch.Tensor], leaves: list[torch.Tensor], wrt: list[torch.Tensor],
-               grad: torch.Tensor, work: Work) -> Case:
-    # Each call builds and consumes its own graph; the one autograd_case built for the gradient's shape is
+               grads: tuple[torch.Tensor, ...], work: Work) -> Case:
+    # Each call builds and consumes its own graph; the one autograd_case built for the gradients' shapes is
     # not captured here, so it is freed before timing.
     def step() -> tuple[torch.Tensor, ...]:
-        y = fn(*leaves)
-        return (y.detach(), *torch.autograd.grad(y, wrt, grad))
+        ys = _as_tuple(fn(*leaves))
+        return (*(y.detach() for y in ys), *torch.autograd.grad(ys, wrt, grads))
 
     return Case(fn=step, work=work)

@@ -17,7 +17,7 @@ import importlib.metadata
 
 from .device import DeviceInfo, device_info
 from .dispatch import Backend, BackendUnavailableError, resolve_backend, use_backend
-from .ops import NF4Weight, dequantize_nf4, quantize_nf4, swiglu
+from .ops import NF4Weight, apply_rope, dequantize_nf4, quantize_nf4, swiglu
 
 try:
     __version__ = importlib.metadata.version("fastlora")
@@ -29,6 +29,7 @@ __all__ = [
     "BackendUnavailableError",
     "DeviceInfo",
     "NF4Weight",
+    "apply_rope",
     "dequantize_nf4",
     "device_info",
     "quantize_nf4",

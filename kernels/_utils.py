@@ -29,6 +29,12 @@ def empty_like(t: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Te
     return _poison(out) if POISON else out
 
 
+def empty_like_strided(t: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like keeping ``t``'s strides (for outputs that must share an input's memory layout)."""
+    out = torch.empty_like(t, memory_format=torch.preserve_format)
+    return _poison(out) if POISON else out
+
+
 def _poison(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))

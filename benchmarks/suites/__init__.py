@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..harness import Suite
-from . import nf4, roofline, swiglu
+from . import nf4, roofline, rope, swiglu
 
-SUITES: dict[str, Suite] = {s.name: s for s in (roofline.SUITE, swiglu.SUITE, nf4.SUITE)}
+SUITES: dict[str, Suite] = {s.name: s for s in (roofline.SUITE, swiglu.SUITE, nf4.SUITE, rope.SUITE)}
 
 
 def select(names: Iterable[str] | None = None) -> list[Suite]:

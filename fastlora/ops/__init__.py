@@ -2,6 +2,7 @@
 
 from .nf4 import dequantize_nf4
 from .nf4_weight import NF4Weight, quantize_nf4
+from .rope import apply_rope
 from .swiglu import swiglu, swiglu_reference
 
-__all__ = ["NF4Weight", "dequantize_nf4", "quantize_nf4", "swiglu", "swiglu_reference"]
+__all__ = ["NF4Weight", "apply_rope", "dequantize_nf4", "quantize_nf4", "swiglu", "swiglu_reference"]
