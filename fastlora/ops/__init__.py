@@ -1,8 +1,11 @@
 """The ops: references, torch.library registrations, autograd Functions and the functional API."""
 
+from .cross_entropy import cross_entropy
+from .linear_cross_entropy import fused_linear_cross_entropy
 from .nf4 import dequantize_nf4
 from .nf4_weight import NF4Weight, quantize_nf4
 from .rope import apply_rope
 from .swiglu import swiglu, swiglu_reference
 
-__all__ = ["NF4Weight", "apply_rope", "dequantize_nf4", "quantize_nf4", "swiglu", "swiglu_reference"]
+__all__ = ["NF4Weight", "apply_rope", "cross_entropy", "dequantize_nf4", "fused_linear_cross_entropy", "quantize_nf4",
+           "swiglu", "swiglu_reference"]

@@ -1,0 +1,258 @@
+"""Cross-entropy with the logits' gradient computed in the forward, over any vocabulary, with no host sync.
+
+The stack: reference -> registered ops (``fastlora::cross_entropy_fwd`` returns the per-row losses and the
+gradient; ``fastlora::cross_entropy_fwd_`` writes the gradient over the logits) -> autograd.Function ->
+:func:`cross_entropy`. The reduction's scale (1 / count for a mean, 1 / num_items_in_batch, 1 for a sum) is a
+device tensor folded into the gradient during the forward, so the backward only multiplies by grad_output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import Backend, resolve_backend
+from ..kernels._utils import empty
+from ._library import define
+
+_OP = "cross_entropy"
+_BACKENDS = frozenset(b.value for b in Backend)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                            reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                            softcap: float | None = None,
+                            num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """:func:`cross_entropy` written with torch's own ops, differentiable, in the logits' dtype (upcast them for
+    the fp32 oracle). Used by the tests and the benchmarks, independent of the per-row formula below."""
+    x = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    flat, flat_labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)
+    valid = flat_labels != ignore_index
+    rows = torch.nn.functional.cross_entropy(flat, flat_labels, ignore_index=ignore_index, reduction="none",
+                                             label_smoothing=label_smoothing)
+    if z_loss:
+        rows = rows + torch.where(valid, z_loss * torch.logsumexp(flat, -1) ** 2, 0.0)
+    if num_items_in_batch is not None:
+        return rows.sum() / num_items_in_batch
+    if reduction == "none":
+        return rows.view(labels.shape)
+    return rows.sum() / valid.sum() if reduction == "mean" else rows.sum()
+
+
+def cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                                 label_smoothing: float, z_loss: float,
+                                 softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row losses, log-sum-exps and the unscaled gradient ``[N, V]``, all fp32: the oracle.
+
+    A label outside ``[0, V)`` (and not ``ignore_index``) gives a NaN loss for its row.
+    """
+    x = logits.float()
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    n, v = x.shape
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < v)
+    safe = torch.where(valid & in_range, labels, 0)
+    lse = torch.logsumexp(x, dim=-1)
+    x_y = x.gather(1, safe.unsqueeze(1)).squeeze(1)
+    rows = (1 - label_smoothing) * (lse - x_y) + label_smoothing * (lse - x.mean(-1)) + z_loss * lse * lse
+    rows = torch.where(valid, torch.where(in_range, rows, float("nan")), 0.0)
+    grad = torch.softmax(x, dim=-1) * (1 + 2 * z_loss * lse).unsqueeze(1) - label_smoothing / v
+    grad -= (1 - label_smoothing) * torch.nn.functional.one_hot(safe, v) * (valid & in_range).unsqueeze(1)
+    if softcap is not None:
+        grad *= 1 - (x / softcap) ** 2
+    return rows, lse, grad * valid.unsqueeze(1)
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor | None,
+                       ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None,
+                       backend: str) -> torch.Tensor:
+    """Per-row fp32 losses ``[N]`` of ``logits [N, V]``, and the gradient times ``scale`` (``[]`` or ``[N]`` fp32)
+    into ``grad`` (``[N, V]``, may be ``logits`` itself) unless it is None. Shared with the fused linear loss."""
+    n = logits.shape[0]
+    loss = empty((n,), dtype=torch.float32, device=logits.device)
+    b, _ = resolve_backend(_OP, logits.device, logits.dtype, backend)
+    if b is Backend.TRITON:
+        from ..kernels import cross_entropy as kernels
+
+        lse = empty((n,), dtype=torch.float32, device=logits.device)
+        kernels.cross_entropy_fwd(logits, labels, scale, grad, loss, lse, ignore_index=ignore_index,
+                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        return loss
+    rows, _, g = cross_entropy_rows_reference(logits, labels, ignore_index, label_smoothing, z_loss, softcap)
+    if grad is not None:
+        # Ignored rows get 0, not 0 * scale: a mean over no valid row has an infinite scale.
+        row_scale = torch.where(labels != ignore_index, scale, 0.0)
+        grad.copy_(g * row_scale.unsqueeze(1))
+    return loss.copy_(rows)
+
+
+def _cross_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                       label_smoothing: float, z_loss: float, softcap: float | None, write_grad: bool,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    grad = empty(logits.shape if write_grad else (0,), dtype=logits.dtype, device=logits.device)
+    loss = cross_entropy_rows(logits, labels, scale, grad if write_grad else None, ignore_index, label_smoothing,
+                              z_loss, softcap, backend)
+    return loss, grad
+
+
+def _cross_entropy_fwd_fake(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                            label_smoothing: float, z_loss: float, softcap: float | None, write_grad: bool,
+                            backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    grad = logits.new_empty(logits.shape if write_grad else (0,))
+    return logits.new_empty((logits.shape[0],), dtype=torch.float32), grad
+
+
+def _cross_entropy_fwd_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                        label_smoothing: float, z_loss: float, softcap: float | None,
+                        backend: str = "auto") -> torch.Tensor:
+    return cross_entropy_rows(logits, labels, scale, logits, ignore_index, label_smoothing, z_loss, softcap, backend)
+
+
+def _cross_entropy_fwd_fake_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                             label_smoothing: float, z_loss: float, softcap: float | None,
+                             backend: str = "auto") -> torch.Tensor:
+    return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+
+_ARGS = "Tensor labels, Tensor scale, int ignore_index, float label_smoothing, float z_loss, float? softcap"
+define(f"cross_entropy_fwd(Tensor logits, {_ARGS}, bool write_grad, str backend='auto') -> (Tensor, Tensor)",
+       _cross_entropy_fwd, _cross_entropy_fwd_fake)
+define(f"cross_entropy_fwd_(Tensor(a!) logits, {_ARGS}, str backend='auto') -> Tensor", _cross_entropy_fwd_,
+       _cross_entropy_fwd_fake_)
+
+
+def reduce_rows(rows: torch.Tensor, scale: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The loss from per-row losses: ``rows.sum() * scale``, or the rows themselves for ``"none"``."""
+    return rows if reduction == "none" else rows.sum() * scale
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Takes ``logits [..., V]`` whole and flattens inside: autograd cannot mark a view dirty in a Function that
+    returns two outputs, so in place mode needs the caller's tensor itself."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                label_smoothing: float, z_loss: float, softcap: float | None, reduction: str, inplace: bool,
+                backend: str) -> tuple[torch.Tensor, ...]:
+        options = (ignore_index, label_smoothing, z_loss, softcap)
+        flat = logits.view(-1, logits.shape[-1])
+        if inplace:
+            rows = torch.ops.fastlora.cross_entropy_fwd_(flat, labels, scale, *options, backend)
+            grad = logits  # not the view: a view made here cannot be saved once its base is dirty
+            ctx.mark_dirty(logits)
+        else:
+            rows, grad = torch.ops.fastlora.cross_entropy_fwd(flat, labels, scale, *options, True, backend)
+        ctx.save_for_backward(grad)
+        ctx.reduction, ctx.shape, ctx.used = reduction, logits.shape, False
+        loss = reduce_rows(rows, scale, reduction)
+        return (loss, logits) if inplace else (loss,)
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.used:
+            raise RuntimeError("cross_entropy: a second backward through the same loss is not supported (the "
+                               "stored gradient is scaled in place); recompute the loss instead")
+        ctx.used = True
+        grad = ctx.saved_tensors[0].view(-1, ctx.shape[-1])
+        factor = grad_loss.unsqueeze(1) if ctx.reduction == "none" else grad_loss
+        # The buffer is fastlora's own (or the logits the caller gave up): scaling it in place costs no memory.
+        grad = grad.mul_(factor.to(grad.dtype)).view(ctx.shape)
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+                  num_items_in_batch: torch.Tensor | int | None = None, inplace_backward: bool = False,
+                  backend: Backend | str = "auto") -> torch.Tensor:
+    """Cross-entropy over any vocabulary size in fp32, with the logits' gradient computed in the forward.
+
+    Args:
+        logits: ``[..., V]`` float32, float16 or bfloat16, rows contiguous (the labels are already shifted).
+        labels: ``[...]`` integer class indices; ``ignore_index`` rows contribute nothing.
+        reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"`` (a loss per row, fp32).
+        label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+        z_loss: adds ``z_loss * logsumexp(x)^2`` per row.
+        softcap: logits become ``softcap * tanh(logits / softcap)`` first (Gemma2's final soft-capping).
+        num_items_in_batch: divide the summed loss by this (HF Trainer's gradient accumulation); overrides
+            ``reduction``, as in transformers.
+        inplace_backward: write the gradient over ``logits`` (saves a ``[N, V]`` buffer; the logits are gone
+            after the call, and autograd knows they were modified).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        A 0-dim fp32 loss, or ``[...]`` fp32 with ``reduction="none"``.
+
+    Example:
+        >>> loss = fastlora.cross_entropy(logits.view(-1, V), shift_labels.view(-1))   # logits [N, V] bf16
+        >>> loss.backward()
+    """
+    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("cross_entropy: logits and labels must be tensors")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"cross_entropy: logits has dtype {logits.dtype}, expected float32, float16 or bfloat16")
+    if labels.dtype not in (torch.int64, torch.int32) or labels.shape != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: labels must be int64 or int32 of shape {tuple(logits.shape[:-1])}, got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    if labels.device != logits.device:
+        raise ValueError(f"cross_entropy: labels are on {labels.device}, logits on {logits.device}")
+    name = check_options("cross_entropy", reduction, label_smoothing, z_loss, softcap, backend)
+    if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
+        if not logits.is_contiguous():
+            raise ValueError("cross_entropy: inplace_backward needs contiguous logits")
+        # (Dynamo cannot trace _is_view; under compile, AOTAutograd handles the view itself.)
+        if not torch.compiler.is_compiling() and logits._is_view():
+            raise ValueError("cross_entropy: inplace_backward cannot overwrite a view of another tensor (autograd "
+                             "forbids it here); pass the lm_head's output itself, or inplace_backward=False")
+    elif logits.stride(-1) != 1 or not _rows_viewable(logits):
+        logits = logits.contiguous()  # the kernel needs [N, V] with contiguous rows: one copy
+    flat_labels = labels.reshape(-1).long()
+    scale = loss_scale(flat_labels, ignore_index, reduction, num_items_in_batch, logits.device)
+    if num_items_in_batch is not None:
+        reduction = "sum"
+    options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    if torch.is_grad_enabled() and logits.requires_grad:
+        out = CrossEntropyFunction.apply(logits, flat_labels, scale, *options, reduction, inplace_backward, name)
+        loss = out[0]
+    else:
+        flat = logits.view(-1, logits.shape[-1])
+        rows, _ = torch.ops.fastlora.cross_entropy_fwd(flat, flat_labels, scale, *options, False, name)
+        loss = reduce_rows(rows, scale, reduction)
+    return loss.view(labels.shape) if reduction == "none" else loss
+
+
+def _rows_viewable(t: torch.Tensor) -> bool:
+    try:
+        t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return False
+    return True
+
+
+def check_options(op: str, reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,
+                  backend: Backend | str) -> str:
+    """Validates the loss options shared by the cross-entropy ops; returns the backend's name."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not z_loss >= 0:
+        raise ValueError(f"{op}: z_loss must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{op}: softcap must be positive or None, got {softcap}")
+    name = backend.value if isinstance(backend, Backend) else str(backend).lower()
+    if name not in _BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r} (expected one of {', '.join(sorted(_BACKENDS))})")
+    return name
+
+
+def loss_scale(labels: torch.Tensor, ignore_index: int, reduction: str, num_items_in_batch: torch.Tensor | int | None,
+               device: torch.device) -> torch.Tensor:
+    """The reduction's factor as a 0-dim fp32 device tensor: 1 / num_items_in_batch, 1 / (valid rows) for a mean,
+    else 1."""
+    # A device tensor: dividing by the count of valid labels must not wait for it on the host.
+    if num_items_in_batch is not None:
+        return 1.0 / torch.as_tensor(num_items_in_batch, device=device, dtype=torch.float32)
+    if reduction == "mean":
+        return 1.0 / (labels != ignore_index).sum().to(torch.float32)
+    return torch.ones((), device=device, dtype=torch.float32)
