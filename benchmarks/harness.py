@@ -38,8 +38,10 @@ class Unavailable(Exception):
 
 @dataclass(frozen=True)
 class Provider:
-    """An implementation under test. ``kind`` is "reference", "baseline" (eager or compiled torch, peers) or
-    "fastlora"; only a fastlora provider failing the gate makes a run fail.
+    """An implementation under test. ``kind`` is "reference", "baseline" (eager or compiled torch, peers),
+    "fastlora", or "floor": a lower bound that does only part of the work (the bare matmuls of a fused op), timed
+    for comparison but not gated, since its outputs are not the op's. Only a fastlora provider failing the gate
+    makes a run fail.
 
     Example:
         >>> Provider("fastlora-cpp").kind
@@ -294,7 +296,7 @@ def prepare(suite: Suite, provider: Provider, mode: str, shape: Shape, device: t
         logger.exception("%s/%s: building the %s case failed", suite.name, provider.name, mode)
         return None, dataclasses.replace(base, status="error", reason=f"{type(e).__name__}: {e}")
     base = dataclasses.replace(base, work=case.work)
-    if suite.reference is None:
+    if suite.reference is None or provider.kind == "floor":
         return case, base
     if provider.name == suite.reference:
         # Its outputs are what the other providers of this shape and mode are gated against.

@@ -238,3 +238,15 @@ def test_compile_fullgraph(inplace, device):
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(leaf.grad, ref_leaf.grad)
+
+
+def test_benchmark_suite_gates_every_provider(monkeypatch):
+    from fastlora.benchmarks import harness, timing
+    from fastlora.benchmarks.suites import SUITES
+
+    monkeypatch.setitem(timing.CPU_BUDGET_S, True, 0.005)
+    results = {(r.provider, r.mode): r for r in harness.run_suite(SUITES["cross_entropy"], torch.device("cpu"),
+                                                                  quick=True)}
+    for key in [("torch", "forward"), ("fastlora", "forward"), ("torch", "full"), ("fastlora", "full")]:
+        assert results[key].status == "ok", (key, results[key].reason)
+    assert results[("fastlora", "full")].max_error < 1e-5

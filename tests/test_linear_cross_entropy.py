@@ -24,7 +24,8 @@ def _inputs(vocab, dtype, device, *, bias=False, seed=0):
 
 
 def _leaves(tensors, dtype, grads):
-    return [None if t is None else t.detach().to(dtype).requires_grad_(need) for t, need in zip(tensors, grads, strict=True)]
+    pairs = zip(tensors, grads, strict=True)
+    return [None if t is None else t.detach().to(dtype).requires_grad_(need) for t, need in pairs]
 
 
 def _compare(backend, device, dtype, vocab, *, bias=False, train_weight=True, chunk_tokens=5, **options):
@@ -191,3 +192,16 @@ def test_compile_fullgraph(device):
     torch.testing.assert_close(loss, ref)
     for got, want in zip(leaves, ref_leaves, strict=True):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_benchmark_suite_gates_every_provider(monkeypatch):
+    from fastlora.benchmarks import harness, timing
+    from fastlora.benchmarks.suites import SUITES
+
+    monkeypatch.setitem(timing.CPU_BUDGET_S, True, 0.005)
+    suite = SUITES["fused_linear_cross_entropy"]
+    results = {(r.provider, r.mode): r for r in harness.run_suite(suite, torch.device("cpu"), quick=True)}
+    for key in [("torch", "forward"), ("fastlora", "forward"), ("fastlora", "full"), ("matmuls", "full")]:
+        assert results[key].status == "ok", (key, results[key].reason)
+    assert results[("fastlora", "full")].max_error < 1e-4
+    assert results[("matmuls", "full")].max_error is None  # a floor is timed, not gated

@@ -39,29 +39,43 @@ def cross_entropy_reference(logits: torch.Tensor, labels: torch.Tensor, *, ignor
     return rows.sum() / valid.sum() if reduction == "mean" else rows.sum()
 
 
-def cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                                 label_smoothing: float, z_loss: float,
-                                 softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row losses, log-sum-exps and the unscaled gradient ``[N, V]``, all fp32: the oracle.
+def cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, ignore_index: int,
+                                 label_smoothing: float, z_loss: float, softcap: float | None,
+                                 want_grad: bool,
+                                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row fp32 losses ``[N]`` and, if wanted, the fp32 gradient ``[N, V]`` times ``scale`` (``[]`` or
+    ``[N]``), in ``out`` when given (fp32, may be ``logits``): the kernel's formulas (module docstring of
+    ``fastlora.kernels.cross_entropy``) in PyTorch, and the CPU path, so it works in place on its buffers.
 
     A label outside ``[0, V)`` (and not ``ignore_index``) gives a NaN loss for its row.
     """
     x = logits.float()
     if softcap is not None:
-        x = softcap * torch.tanh(x / softcap)
+        x = torch.tanh(x / softcap).mul_(softcap)
     n, v = x.shape
     valid = labels != ignore_index
     in_range = (labels >= 0) & (labels < v)
-    safe = torch.where(valid & in_range, labels, 0)
+    hit = valid & in_range
+    safe = torch.where(hit, labels, 0)
     lse = torch.logsumexp(x, dim=-1)
-    x_y = x.gather(1, safe.unsqueeze(1)).squeeze(1)
-    rows = (1 - label_smoothing) * (lse - x_y) + label_smoothing * (lse - x.mean(-1)) + z_loss * lse * lse
+    rows = (1 - label_smoothing) * (lse - x.gather(1, safe.unsqueeze(1)).squeeze(1)) + z_loss * lse * lse
+    if label_smoothing:
+        rows += label_smoothing * (lse - x.mean(-1))
     rows = torch.where(valid, torch.where(in_range, rows, float("nan")), 0.0)
-    grad = torch.softmax(x, dim=-1) * (1 + 2 * z_loss * lse).unsqueeze(1) - label_smoothing / v
-    grad -= (1 - label_smoothing) * torch.nn.functional.one_hot(safe, v) * (valid & in_range).unsqueeze(1)
+    if not want_grad:
+        return rows, None
+    # x is only read again for the soft-cap, and then it is a new tensor: out may be the logits.
+    grad = torch.sub(x, lse.unsqueeze(1), out=out).exp_()  # softmax
+    if z_loss:
+        grad.mul_((1 + 2 * z_loss * lse).unsqueeze(1))
+    if label_smoothing:
+        grad.sub_(label_smoothing / v)
+    rows_hit = torch.arange(n, device=x.device)
+    grad.index_put_((rows_hit, safe), torch.where(hit, label_smoothing - 1, 0.0), accumulate=True)
     if softcap is not None:
-        grad *= 1 - (x / softcap) ** 2
-    return rows, lse, grad * valid.unsqueeze(1)
+        grad.mul_(1 - (x / softcap) ** 2)
+    # Ignored rows get 0, not 0 * scale: a mean over no valid row has an infinite scale.
+    return rows, grad.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
 
 
 def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor | None,
@@ -79,11 +93,11 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
         kernels.cross_entropy_fwd(logits, labels, scale, grad, loss, lse, ignore_index=ignore_index,
                                   label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
         return loss
-    rows, _, g = cross_entropy_rows_reference(logits, labels, ignore_index, label_smoothing, z_loss, softcap)
-    if grad is not None:
-        # Ignored rows get 0, not 0 * scale: a mean over no valid row has an infinite scale.
-        row_scale = torch.where(labels != ignore_index, scale, 0.0)
-        grad.copy_(g * row_scale.unsqueeze(1))
+    direct = grad is not None and grad.dtype == torch.float32
+    rows, g = cross_entropy_rows_reference(logits, labels, scale, ignore_index, label_smoothing, z_loss, softcap,
+                                           grad is not None, out=grad if direct else None)
+    if grad is not None and not direct:
+        grad.copy_(g)
     return loss.copy_(rows)
 
 
