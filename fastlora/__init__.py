@@ -17,7 +17,16 @@ import importlib.metadata
 
 from .device import DeviceInfo, device_info
 from .dispatch import Backend, BackendUnavailableError, resolve_backend, use_backend
-from .ops import NF4Weight, apply_rope, cross_entropy, dequantize_nf4, fused_linear_cross_entropy, quantize_nf4, swiglu
+from .ops import (
+    NF4Weight,
+    apply_rope,
+    cross_entropy,
+    dequantize_nf4,
+    fused_linear_cross_entropy,
+    lora_linear,
+    quantize_nf4,
+    swiglu,
+)
 
 try:
     __version__ = importlib.metadata.version("fastlora")
@@ -34,6 +43,7 @@ __all__ = [
     "dequantize_nf4",
     "device_info",
     "fused_linear_cross_entropy",
+    "lora_linear",
     "quantize_nf4",
     "resolve_backend",
     "swiglu",

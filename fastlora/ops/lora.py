@@ -1,0 +1,276 @@
+"""LoRA linear over a frozen dense or NF4 base: ``Y = X W^T (+ bias) + sum_i s_i (drop_i(X) A_i^T) B_i^T``.
+
+The stack: reference (:func:`lora_linear_reference`) -> ``fastlora::lora_linear_fwd`` / ``lora_linear_bwd``
+(cuBLAS GEMMs arranged so that the LoRA branch costs a few thin GEMMs on top of the base one) ->
+:class:`LoRALinearFunction` -> :func:`lora_linear`.
+
+How the work is arranged (M tokens, K in, N out, R the summed rank of the active adapters):
+- forward: ``Y = X W^T`` then ``Y += XA (s B)^T`` accumulated by the GEMM itself (no ``[M, N]`` temporary);
+  ``XA = [drop_1(X) A_1^T | ...]`` is ``[M, R]``, one GEMM for all adapters when none has dropout, and is saved.
+- backward: ``dX = dY W`` then ``dX += G A`` (``G = dY (s B)``, ``[M, R]``) accumulated in place; ``dB = s dY^T XA``
+  and ``dA = G^T drop(X)``: thin GEMMs. W gets no gradient.
+- an NF4 base is dequantized once in the forward and once in the backward, into one workspace buffer shared by
+  every layer of that shape, never kept between calls.
+The LoRA branch runs in the compute dtype (the activations', or ``compute_dtype``) with fp32 accumulation in the
+GEMMs; adapters kept in fp32 (PEFT's default) are cast for the GEMMs and get fp32 gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._library import define
+from ._workspace import workspace
+from .nf4 import dequantize_nf4
+from .nf4_weight import NF4Weight
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, A: Sequence[torch.Tensor],
+                          B: Sequence[torch.Tensor], scaling: Sequence[float], bias: torch.Tensor | None = None,
+                          lora_bias: Sequence[torch.Tensor | None] | None = None,
+                          dropped: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """The op in plain differentiable PyTorch, every tensor in the dtype it comes in: the test oracle.
+
+    ``dropped[i]`` is adapter i's input after its dropout (default ``x``); ``weight`` is the dense base ``[N, K]``.
+    """
+    y = torch.nn.functional.linear(x, weight, bias)
+    for i, (a, b, s) in enumerate(zip(A, B, scaling, strict=True)):
+        xd = x if dropped is None else dropped[i]
+        lb = None if lora_bias is None else lora_bias[i]
+        y = y + torch.nn.functional.linear(torch.nn.functional.linear(xd, a), b, lb) * s
+    return y
+
+
+def _same_input(x: torch.Tensor, dropped: Sequence[torch.Tensor]) -> bool:
+    return all(d is x for d in dropped)
+
+
+def _scaled_b(B: Sequence[torch.Tensor], scaling: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+    # [N, R]: the adapters side by side, each times its scaling, in the compute dtype.
+    return torch.cat([b.to(dtype) * s for b, s in zip(B, scaling, strict=True)], dim=1)
+
+
+def _down(x: torch.Tensor, dropped: Sequence[torch.Tensor], A: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``XA`` ``[M, R]``: one GEMM when every adapter reads ``x`` itself."""
+    cd = x.dtype
+    if _same_input(x, dropped):
+        return torch.mm(x, torch.cat([a.to(cd) for a in A]).t())
+    return torch.cat([torch.mm(d, a.to(cd).t()) for d, a in zip(dropped, A, strict=True)], dim=1)
+
+
+def _lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dropped: list[torch.Tensor],
+                     A: list[torch.Tensor], B: list[torch.Tensor], scaling: list[float],
+                     lora_bias: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    cd = x.dtype
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias.to(cd), x, weight.t())
+    xa = _down(x, dropped, A)
+    y.addmm_(xa, _scaled_b(B, scaling, cd).t())
+    for lb, s in zip(lora_bias, scaling, strict=True):
+        if lb is not None:
+            y.add_(lb.to(cd), alpha=s)
+    return y, xa
+
+
+def _lora_linear_fwd_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          dropped: list[torch.Tensor], A: list[torch.Tensor], B: list[torch.Tensor],
+                          scaling: list[float], lora_bias: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+    rank = sum(a.shape[0] for a in A)
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], rank))
+
+
+def _lora_linear_bwd(dy: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, x: torch.Tensor,
+                     dropped: list[torch.Tensor], masks: list[torch.Tensor | None], A: list[torch.Tensor],
+                     B: list[torch.Tensor], scaling: list[float], dropout_p: list[float], lora_bias: list[bool],
+                     need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    cd = dy.dtype
+    g = torch.mm(dy, _scaled_b(B, scaling, cd))  # [M, R]: dY through each s_i B_i
+    db_all = torch.mm(dy.t(), xa)  # [N, R], before the scalings
+    d_a, d_b, d_lb = [], [], []
+    dy_sum = dy.sum(0, dtype=torch.float32) if any(lora_bias) else None
+    dx = torch.mm(dy, weight) if need_dx else dy.new_empty((0,))
+    start = 0
+    for i, (a, b, s) in enumerate(zip(A, B, scaling, strict=True)):
+        sl = slice(start, start + a.shape[0])
+        start = sl.stop
+        d_b.append(db_all[:, sl].mul(s).to(b.dtype))  # a new tensor: outputs must not alias each other
+        d_a.append(torch.mm(g[:, sl].t(), dropped[i]).to(a.dtype))
+        d_lb.append((dy_sum * s).to(b.dtype) if lora_bias[i] else dy.new_empty((0,)))
+        if need_dx:
+            if masks[i] is None:
+                dx.addmm_(g[:, sl], a.to(cd))
+            else:  # the dropout's backward: its mask, and 1 / (1 - p)
+                dx.add_(torch.mm(g[:, sl], a.to(cd)).mul_(masks[i]), alpha=1.0 / (1.0 - dropout_p[i]))
+    return dx, d_a, d_b, d_lb
+
+
+def _lora_linear_bwd_fake(dy: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, x: torch.Tensor,
+                          dropped: list[torch.Tensor], masks: list[torch.Tensor | None], A: list[torch.Tensor],
+                          B: list[torch.Tensor], scaling: list[float], dropout_p: list[float], lora_bias: list[bool],
+                          need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
+                                                  list[torch.Tensor]]:
+    dx = dy.new_empty((dy.shape[0], weight.shape[1]) if need_dx else (0,))
+    d_lb = [dy.new_empty((b.shape[0],) if has else (0,), dtype=b.dtype) for b, has in zip(B, lora_bias, strict=True)]
+    return dx, [a.new_empty(a.shape) for a in A], [b.new_empty(b.shape) for b in B], d_lb
+
+
+define("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor[] dropped, Tensor[] A, Tensor[] B, "
+       "float[] scaling, Tensor?[] lora_bias) -> (Tensor, Tensor)", _lora_linear_fwd, _lora_linear_fwd_fake)
+define("lora_linear_bwd(Tensor dy, Tensor weight, Tensor xa, Tensor x, Tensor[] dropped, Tensor?[] masks, "
+       "Tensor[] A, Tensor[] B, float[] scaling, float[] dropout_p, bool[] lora_bias, bool need_dx) "
+       "-> (Tensor, Tensor[], Tensor[], Tensor[])", _lora_linear_bwd, _lora_linear_bwd_fake)
+
+
+def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight ``[N, K]`` in the compute dtype; an NF4 one dequantized into the shared workspace."""
+    if isinstance(base, NF4Weight):
+        # Under torch.compile a fresh buffer: a workspace outside the graph would be a hidden global.
+        out = None if torch.compiler.is_compiling() else workspace("lora_nf4", base.shape, dtype, base.device)
+        return dequantize_nf4(base, dtype=dtype, out=out)
+    return base.to(dtype)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``apply(x [M, K], base, bias, scaling, dropout_p, n, *A, *B, *lora_bias)``; returns ``[M, N]``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None,
+                scaling: tuple[float, ...], dropout_p: tuple[float, ...], n: int,
+                *adapters: torch.Tensor | None) -> torch.Tensor:
+        A, B, lora_bias = list(adapters[:n]), list(adapters[n:2 * n]), list(adapters[2 * n:])
+        dropped, masks = [], []
+        for a, p in zip(A, dropout_p, strict=True):
+            if p > 0:
+                # In the adapter's dtype, as PEFT does: the same random mask for the same RNG state.
+                xd, mask = torch.native_dropout(x.to(a.dtype), p, True)
+                dropped.append(xd.to(x.dtype))
+                masks.append(mask)
+            else:
+                dropped.append(x)
+                masks.append(None)
+        y, xa = torch.ops.fastlora.lora_linear_fwd(x, _dense(base, x.dtype), bias, dropped, A, B, list(scaling),
+                                                    lora_bias)
+        ctx.base, ctx.n, ctx.scaling, ctx.dropout_p = base, n, list(scaling), list(dropout_p)
+        ctx.has_lora_bias = [lb is not None for lb in lora_bias]
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(xa, x, *[d if d is not x else None for d in dropped], *masks, *A, *B)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        n = ctx.n
+        xa, x, *rest = ctx.saved_tensors
+        dropped = [x if d is None else d for d in rest[:n]]
+        masks, A, B = rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+        need_dx = ctx.needs_input_grad[0]
+        weight = _dense(ctx.base, dy.dtype) if need_dx else dy.new_empty((0, 0))
+        dx, d_a, d_b, d_lb = torch.ops.fastlora.lora_linear_bwd(
+            dy.contiguous(), weight, xa, x, dropped, list(masks), list(A), list(B), ctx.scaling, ctx.dropout_p,
+            ctx.has_lora_bias, need_dx)
+        needs = ctx.needs_input_grad[6:]
+        grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
+        grads += [g if has and need else None for g, has, need in zip(d_lb, ctx.has_lora_bias, needs[2 * n:],
+                                                                       strict=True)]
+        # A trainable base bias (PEFT's bias="all") is cheap to serve; the base weight never is.
+        d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return dx if need_dx else None, None, d_bias, None, None, None, *grads
+
+
+def _as_list(value: object, n: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"lora_linear: {what} has {len(value)} entries for {n} adapters")
+        return list(value)
+    return [value] * n
+
+
+def lora_linear(x: torch.Tensor, base: torch.Tensor | NF4Weight, A: torch.Tensor | Sequence[torch.Tensor],
+                B: torch.Tensor | Sequence[torch.Tensor], scaling: float | Sequence[float], *,
+                bias: torch.Tensor | None = None, dropout_p: float | Sequence[float] = 0.0,
+                lora_bias: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A linear layer with a frozen base and LoRA adapters: ``X W^T + bias + sum_i s_i (drop_i(X) A_i^T) B_i^T``.
+
+    Equal to PEFT's LoRA ``Linear`` (and its bitsandbytes ``Linear4bit``) for the same adapters, in the forward and
+    in the gradients of ``x``, every ``A_i``, ``B_i`` and ``lora_bias_i`` (and ``bias``, if it requires grad).
+    ``base`` gets no gradient.
+
+    Args:
+        x: ``[..., K]`` float32, float16 or bfloat16.
+        base: the frozen weight ``[N, K]``: a tensor, or an :class:`NF4Weight` (``NF4Weight.from_bnb`` reads a
+            bitsandbytes ``Params4bit`` or ``Linear4bit``).
+        A: ``[r, K]`` per adapter (a tensor, or a list for several active adapters; ranks may differ).
+        B: ``[N, r]`` per adapter.
+        scaling: per adapter (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA).
+        bias: the base layer's ``[N]`` bias.
+        dropout_p: the LoRA dropout per adapter: applied to that adapter's input only, with torch's RNG (pass 0
+            in eval mode, as ``nn.Dropout`` would).
+        lora_bias: ``[N]`` bias of ``lora_B`` per adapter (PEFT's ``lora_bias=True``), or None.
+        compute_dtype: the GEMMs' dtype (a 4-bit layer's ``compute_dtype``); default ``x.dtype``. The output
+            is in ``x.dtype``.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+
+    Example:
+        >>> y = fastlora.lora_linear(x, layer.base_layer.weight, layer.lora_A["default"].weight,
+        ...                          layer.lora_B["default"].weight, layer.scaling["default"])   # [B, S, N]
+    """
+    n = len(A) if isinstance(A, (list, tuple)) else 1
+    As, Bs = _as_list(A, n, "A"), _as_list(B, n, "B")
+    scalings = [float(s) for s in _as_list(scaling, n, "scaling")]
+    ps = [float(p) for p in _as_list(dropout_p, n, "dropout_p")]
+    lbs = _as_list(lora_bias, n, "lora_bias")
+    _check(x, base, As, Bs, ps, bias, lbs)
+    cd = compute_dtype or x.dtype
+    if cd not in _FLOATS:
+        raise TypeError(f"lora_linear: compute_dtype must be float32, float16 or bfloat16, got {cd}")
+    k, out_features = base.shape[1], base.shape[0]
+    x2 = x.reshape(-1, k).to(cd)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    tensors = (x2, bias, *As, *Bs, *lbs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y = LoRALinearFunction.apply(x2, base, bias, tuple(scalings), tuple(ps), n, *As, *Bs, *lbs)
+    else:
+        dropped = [torch.nn.functional.dropout(x2.to(a.dtype), p).to(cd) if p > 0 else x2
+                   for a, p in zip(As, ps, strict=True)]
+        y, _ = torch.ops.fastlora.lora_linear_fwd(x2, _dense(base, cd), bias, dropped, As, Bs, scalings, lbs)
+    return y.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def _check(x: torch.Tensor, base: torch.Tensor | NF4Weight, A: list, B: list, dropout_p: list[float],
+           bias: torch.Tensor | None, lora_bias: list) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        raise TypeError(f"lora_linear: x must be a float32, float16 or bfloat16 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if isinstance(base, torch.Tensor):
+        if base.dim() != 2 or base.dtype not in _FLOATS:
+            raise TypeError(f"lora_linear: base must be a 2-D float tensor [N, K] or an NF4Weight, got "
+                            f"{base.dtype} {tuple(base.shape)}")
+        if base.requires_grad and torch.is_grad_enabled():
+            raise ValueError("lora_linear: base requires grad, but the base weight is frozen here (it gets no "
+                             "gradient); detach it or train it with a plain linear")
+    elif not isinstance(base, NF4Weight):
+        raise TypeError(f"lora_linear: base must be a tensor or an NF4Weight, got {type(base).__name__}")
+    n_out, k = base.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"lora_linear: x has {x.shape[-1]} features, base expects {k} ([N, K] = {tuple(base.shape)})")
+    if bias is not None and tuple(bias.shape) != (n_out,):
+        raise ValueError(f"lora_linear: bias must be [{n_out}], got {tuple(bias.shape)}")
+    for i, (a, b, p, lb) in enumerate(zip(A, B, dropout_p, lora_bias, strict=True)):
+        where = f"adapter {i}" if len(A) > 1 else "the adapter"
+        if not all(isinstance(t, torch.Tensor) and t.dtype in _FLOATS for t in (a, b)):
+            raise TypeError(f"lora_linear: A and B of {where} must be float tensors")
+        if a.dim() != 2 or a.shape[1] != k or b.dim() != 2 or b.shape != (n_out, a.shape[0]):
+            raise ValueError(f"lora_linear: {where} has A {tuple(a.shape)} and B {tuple(b.shape)}; expected A [r, {k}] "
+                             f"and B [{n_out}, r]")
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"lora_linear: dropout_p of {where} must be in [0, 1), got {p}")
+        if lb is not None and tuple(lb.shape) != (n_out,):
+            raise ValueError(f"lora_linear: lora_bias of {where} must be [{n_out}], got {tuple(lb.shape)}")
+        if len({t.device for t in (x, a, b)} | {base.device}) != 1:
+            raise ValueError(f"lora_linear: x, base and {where} must be on one device")

@@ -1,0 +1,237 @@
+"""fastlora.lora_linear against PEFT's LoRA layers (dense and bitsandbytes 4-bit) and the fp64 reference."""
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import NF4Weight
+from fastlora.ops.lora import lora_linear_reference
+from fastlora.testing import assert_close_to_reference
+
+peft_lora = pytest.importorskip("peft.tuners.lora")
+
+K, N = 48, 40  # odd-ish sizes: not multiples of the GEMM tiles
+
+
+def _peft_layer(*, ranks=(8,), dropout=0.0, bias=False, lora_bias=False, rslora=False, adapter_dtype=torch.float32,
+                base_dtype=torch.float32, four_bit=False, seed=0):
+    """A PEFT LoRA layer with random (non-zero) adapters, the first len(ranks) of them active."""
+    torch.manual_seed(seed)
+    if four_bit:
+        bnb = pytest.importorskip("bitsandbytes")
+        base = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=base_dtype, quant_type="nf4").to("cpu")
+        cls = peft_lora.Linear4bit
+    else:
+        base = torch.nn.Linear(K, N, bias=bias).to(base_dtype)
+        cls = peft_lora.Linear
+    base.requires_grad_(False)  # as get_peft_model leaves it
+    names = [f"a{i}" for i in range(len(ranks))]
+
+    def config(r, alpha):
+        return peft_lora.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
+                                    lora_bias=lora_bias)
+
+    layer = cls(base, names[0], config(ranks[0], 16), r=ranks[0], lora_alpha=16)
+    for name, r in zip(names[1:], ranks[1:], strict=True):
+        layer.update_layer(name, r, 2 * r, config(r, 2 * r))
+    layer.set_adapter(names)
+    for name in names:
+        for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
+            torch.nn.init.normal_(p, std=0.3)
+            p.data = p.data.to(adapter_dtype)
+    return layer, names
+
+
+def _fastlora_forward(layer, names, x):
+    base = layer.get_base_layer()
+    weight = NF4Weight.from_bnb(base) if hasattr(base.weight, "quant_state") else base.weight
+    return fastlora.lora_linear(
+        x, weight, [layer.lora_A[n].weight for n in names], [layer.lora_B[n].weight for n in names],
+        [layer.scaling[n] for n in names], bias=base.bias,
+        dropout_p=[layer.lora_dropout[n].p if layer.training and hasattr(layer.lora_dropout[n], "p") else 0.0
+                   for n in names],
+        lora_bias=[layer.lora_B[n].bias for n in names],
+        compute_dtype=getattr(base, "compute_dtype", None))
+
+
+def _grads(layer, names):
+    out = {}
+    for n in names:
+        out[f"A[{n}]"] = layer.lora_A[n].weight.grad
+        out[f"B[{n}]"] = layer.lora_B[n].weight.grad
+        if layer.lora_B[n].bias is not None:
+            out[f"lora_bias[{n}]"] = layer.lora_B[n].bias.grad
+    return out
+
+
+def _run(layer, names, x, fn, seed=5):
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the dropout masks
+    y = fn(x)
+    g = torch.Generator().manual_seed(1)
+    (y.float() * torch.randn(y.shape, generator=g)).sum().backward()
+    return y.detach(), x.grad, _grads(layer, names)
+
+
+def _equal_to_peft(layer, names, x, *, rtol=1e-5, atol=1e-5):
+    y_ref, dx_ref, g_ref = _run(layer, names, x, layer)
+    y, dx, g = _run(layer, names, x, lambda t: _fastlora_forward(layer, names, t))
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dx, dx_ref, rtol=rtol, atol=atol)
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        assert g[name].dtype == g_ref[name].dtype, name
+        torch.testing.assert_close(g[name], g_ref[name], rtol=rtol, atol=atol, msg=name)
+
+
+def _x(dtype=torch.float32, shape=(3, 5), seed=2):
+    return torch.randn(*shape, K, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("ranks", [(8,), (1,), (4, 16)], ids=["r8", "r1", "two adapters r4+r16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_equals_peft_linear_fp32(ranks, dropout, bias):
+    layer, names = _peft_layer(ranks=ranks, dropout=dropout, bias=bias)
+    _equal_to_peft(layer, names, _x())
+
+
+def test_equals_peft_with_lora_bias_rslora_and_one_token():
+    layer, names = _peft_layer(ranks=(6, 3), bias=True, lora_bias=True, rslora=True)
+    _equal_to_peft(layer, names, _x(shape=(1,)))
+
+
+def test_eval_mode_has_no_dropout():
+    layer, names = _peft_layer(dropout=0.5)
+    layer.eval()
+    _equal_to_peft(layer, names, _x())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_equals_peft_bnb_linear4bit(dropout):
+    layer, names = _peft_layer(ranks=(8, 4), dropout=dropout, bias=True, four_bit=True)
+    _equal_to_peft(layer, names, _x())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, "same"])
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_low_precision_within_the_tolerance_rule(dtype, adapter_dtype, four_bit):
+    """Against the fp64 reference: at most twice the error of torch doing the same maths in ``dtype``."""
+    adapter_dtype = dtype if adapter_dtype == "same" else adapter_dtype
+    layer, names = _peft_layer(ranks=(8, 4), bias=True, four_bit=four_bit, base_dtype=dtype,
+                               adapter_dtype=adapter_dtype)
+    base = layer.get_base_layer()
+    if four_bit:
+        weight = fastlora.dequantize_nf4(NF4Weight.from_bnb(base), dtype=torch.float32)
+    else:
+        weight = base.weight.float()
+    x = _x(dtype)
+    A = [layer.lora_A[n].weight for n in names]
+    B = [layer.lora_B[n].weight for n in names]
+    scalings = [layer.scaling[n] for n in names]
+
+    def reference(t, dt):
+        return lora_linear_reference(t.to(dt), weight.to(dt), [a.to(dt) for a in A], [b.to(dt) for b in B],
+                                     scalings, bias=base.bias.to(dt))
+
+    leaves = {}
+
+    def track(dt):
+        # Fresh leaves per run: the gradients of A and B in this precision.
+        As = [a.detach().to(dt).requires_grad_(True) for a in A]
+        Bs = [b.detach().to(dt).requires_grad_(True) for b in B]
+        leaves[dt] = (As, Bs)
+        return As, Bs
+
+    ys = {}
+    for dt in (torch.float64, dtype):
+        As, Bs = track(dt)
+        t = x.detach().to(dt).requires_grad_(True)
+        y = lora_linear_reference(t, weight.to(dt), As, Bs, scalings, bias=base.bias.to(dt))
+        y.float().mul(torch.linspace(-1, 1, N)).sum().backward()
+        ys[dt] = (y, t.grad)
+    t = x.detach().clone().requires_grad_(True)
+    y = _fastlora_forward(layer, names, t)
+    y.float().mul(torch.linspace(-1, 1, N)).sum().backward()
+    assert y.dtype == dtype
+    where = f"{dtype} adapters {adapter_dtype} {'nf4' if four_bit else 'dense'}"
+    assert_close_to_reference(y, ys[torch.float64][0], ys[dtype][0], name=f"{where} y")
+    assert_close_to_reference(t.grad, ys[torch.float64][1], ys[dtype][1], name=f"{where} dx")
+    for i, n in enumerate(names):
+        got_a, got_b = layer.lora_A[n].weight.grad, layer.lora_B[n].weight.grad
+        assert got_a.dtype == adapter_dtype and got_b.dtype == adapter_dtype
+        (a64, b64), (al, bl) = (leaves[torch.float64][0][i], leaves[torch.float64][1][i]), \
+            (leaves[dtype][0][i], leaves[dtype][1][i])
+        assert_close_to_reference(got_a, a64.grad, al.grad, ulps=2, name=f"{where} dA[{n}]")
+        assert_close_to_reference(got_b, b64.grad, bl.grad, ulps=2, name=f"{where} dB[{n}]")
+
+
+def test_frozen_base_and_no_grad():
+    layer, names = _peft_layer()
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(_fastlora_forward(layer, names, x), layer(x))
+    w = torch.randn(N, K, requires_grad=True)
+    with pytest.raises(ValueError, match="base requires grad"):
+        fastlora.lora_linear(x, w, torch.randn(4, K), torch.randn(N, 4), 1.0)
+
+
+def test_only_x_needs_grad():
+    """A frozen adapter (another adapter being trained elsewhere) still passes the gradient to x."""
+    layer, names = _peft_layer()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    x = _x().requires_grad_(True)
+    _fastlora_forward(layer, names, x).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    layer(x_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_bad_input_names_the_argument():
+    x, w = _x(), torch.randn(N, K)
+    a, b = torch.randn(4, K), torch.randn(N, 4)
+    with pytest.raises(ValueError, match="x has 47 features, base expects 48"):
+        fastlora.lora_linear(x[..., :47], w, a, b, 1.0)
+    with pytest.raises(ValueError, match="expected A \\[r, 48\\] and B \\[40, r\\]"):
+        fastlora.lora_linear(x, w, a, b[:, :3], 1.0)
+    with pytest.raises(ValueError, match="scaling has 1 entries for 2 adapters"):
+        fastlora.lora_linear(x, w, [a, a], [b, b], [1.0])
+    with pytest.raises(ValueError, match="dropout_p of the adapter must be in"):
+        fastlora.lora_linear(x, w, a, b, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="bias must be \\[40\\]"):
+        fastlora.lora_linear(x, w, a, b, 1.0, bias=torch.zeros(3))
+    with pytest.raises(TypeError, match="base must be a tensor or an NF4Weight"):
+        fastlora.lora_linear(x, "w", a, b, 1.0)
+    with pytest.raises(TypeError, match="x must be a float32"):
+        fastlora.lora_linear(x.long(), w, a, b, 1.0)
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = torch.randn(7, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    A = [torch.randn(4, K, generator=g), torch.randn(2, K, generator=g)]
+    B = [torch.randn(N, 4, generator=g), torch.randn(N, 2, generator=g)]
+    xd, mask = torch.native_dropout(x, 0.3, True)
+    torch.library.opcheck(torch.ops.fastlora.lora_linear_fwd.default, (x, w, bias, [x, xd], A, B, [0.5, 2.0],
+                                                                        [None, torch.randn(N, generator=g)]))
+    y, xa = torch.ops.fastlora.lora_linear_fwd(x, w, None, [x, xd], A, B, [0.5, 2.0], [None, None])
+    dy = torch.randn(7, N, generator=g)
+    torch.library.opcheck(torch.ops.fastlora.lora_linear_bwd.default,
+                          (dy, w, xa, x, [x, xd], [None, mask], A, B, [0.5, 2.0], [0.0, 0.3], [False, True], True))
+
+
+def test_compile_fullgraph():
+    layer, names = _peft_layer(ranks=(8,))
+    x = _x().requires_grad_(True)
+    compiled = torch.compile(lambda t: _fastlora_forward(layer, names, t * 2), fullgraph=True, backend="aot_eager")
+    compiled(x).sum().backward()
+    got = (x.grad, layer.lora_A["a0"].weight.grad.clone())
+    layer.zero_grad(set_to_none=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    layer(x_ref * 2).sum().backward()
+    torch.testing.assert_close(got[0], x_ref.grad)
+    torch.testing.assert_close(got[1], layer.lora_A["a0"].weight.grad)
