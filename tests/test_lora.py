@@ -6,6 +6,7 @@ import torch
 import fastlora
 from fastlora import NF4Weight
 from fastlora.ops.lora import lora_linear_reference
+from fastlora.patching import UnsupportedLoRA, lora_args
 from fastlora.testing import assert_close_to_reference
 
 peft_lora = pytest.importorskip("peft.tuners.lora")
@@ -43,15 +44,10 @@ def _peft_layer(*, ranks=(8,), dropout=0.0, bias=False, lora_bias=False, rslora=
 
 
 def _fastlora_forward(layer, names, x):
-    base = layer.get_base_layer()
-    weight = NF4Weight.from_bnb(base) if hasattr(base.weight, "quant_state") else base.weight
-    return fastlora.lora_linear(
-        x, weight, [layer.lora_A[n].weight for n in names], [layer.lora_B[n].weight for n in names],
-        [layer.scaling[n] for n in names], bias=base.bias,
-        dropout_p=[layer.lora_dropout[n].p if layer.training and hasattr(layer.lora_dropout[n], "p") else 0.0
-                   for n in names],
-        lora_bias=[layer.lora_B[n].bias for n in names],
-        compute_dtype=getattr(base, "compute_dtype", None))
+    args = lora_args(layer)
+    assert len(args.A) == len(names)
+    return fastlora.lora_linear(x, args.base, args.A, args.B, args.scaling, bias=args.bias,
+                                dropout_p=args.dropout_p, lora_bias=args.lora_bias, compute_dtype=args.compute_dtype)
 
 
 def _grads(layer, names):
@@ -235,3 +231,46 @@ def test_compile_fullgraph():
     layer(x_ref * 2).sum().backward()
     torch.testing.assert_close(got[0], x_ref.grad)
     torch.testing.assert_close(got[1], layer.lora_A["a0"].weight.grad)
+
+
+def test_nf4_base_is_dequantized_once_per_pass_into_one_buffer(monkeypatch):
+    import fastlora.ops.lora as lora_ops
+
+    calls = []
+    real = lora_ops.dequantize_nf4
+
+    def counting(w, **kwargs):
+        out = real(w, **kwargs)
+        calls.append(out.data_ptr())
+        return out
+
+    monkeypatch.setattr(lora_ops, "dequantize_nf4", counting)
+    layer, names = _peft_layer(ranks=(8, 4), four_bit=True)
+    x = _x().requires_grad_(True)
+    y = _fastlora_forward(layer, names, x)
+    assert len(calls) == 1
+    y.sum().backward()
+    assert len(calls) == 2  # the backward's dX
+    # A second layer's forward reuses the forward's buffer.
+    other, other_names = _peft_layer(ranks=(8,), four_bit=True, seed=3)
+    _fastlora_forward(other, other_names, x)
+    assert calls[2] == calls[0]
+    # Without a gradient for x, the backward needs no base weight at all.
+    _fastlora_forward(layer, names, x.detach()).sum().backward()
+    assert len(calls) == 4
+
+
+def test_lora_args_refuses_variants_and_follows_peft_state():
+    layer, names = _peft_layer(ranks=(4, 2))
+    layer.set_adapter(["a1"])
+    assert len(lora_args(layer).A) == 1 and lora_args(layer).A[0] is layer.lora_A["a1"].weight
+    layer.scaling["a1"] = 0.25  # PEFT may change it at run time: read on every call
+    assert lora_args(layer).scaling == [0.25]
+    layer.enable_adapters(False)
+    assert lora_args(layer).A == []
+    layer.enable_adapters(True)
+    dora = peft_lora.Linear(torch.nn.Linear(K, N).requires_grad_(False), "d",
+                            peft_lora.LoraConfig(r=4, lora_alpha=8, use_dora=True), r=4, lora_alpha=8)
+    with pytest.raises(UnsupportedLoRA, match="DoRA adapter 'd'"):
+        lora_args(dora)
+

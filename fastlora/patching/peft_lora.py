@@ -1,0 +1,88 @@
+"""Reading a PEFT LoRA layer into :func:`fastlora.lora_linear`'s arguments, or saying why it cannot be fused.
+
+PEFT's forward (peft 0.21): the base output on the un-dropped input, then for each active adapter present in
+``lora_A``: ``lora_B(lora_A(dropout(x.to(lora_A.weight.dtype)))) * scaling``. Variants (DoRA and the others PEFT
+registers in ``lora_variant``) compute something else, so such a layer keeps PEFT's forward. Everything is read on
+every call: PEFT may change scalings, active adapters or (on merge/unmerge of a 4-bit layer) the weight itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.nf4_weight import NF4Weight
+
+
+class UnsupportedLoRA(Exception):
+    """The layer cannot take the fused path; the message is the reason the patch report shows."""
+
+
+@dataclass(frozen=True)
+class LoRAArgs:
+    """What :func:`fastlora.lora_linear` needs for one PEFT layer at this moment (``A`` empty: base only)."""
+
+    base: torch.Tensor | NF4Weight
+    bias: torch.Tensor | None
+    A: list[torch.Tensor]
+    B: list[torch.Tensor]
+    scaling: list[float]
+    dropout_p: list[float]
+    lora_bias: list[torch.Tensor | None]
+    compute_dtype: torch.dtype | None
+
+
+def lora_args(layer: torch.nn.Module) -> LoRAArgs:
+    """The fused path's arguments for a PEFT LoRA ``Linear`` or bitsandbytes ``Linear4bit``, as of now.
+
+    Raises:
+        UnsupportedLoRA: with the reason, e.g. ``"DoRA adapter 'default'"``, when PEFT's own forward must run.
+
+    Example:
+        >>> args = lora_args(model.base_model.model.model.layers[0].self_attn.q_proj)
+        >>> y = fastlora.lora_linear(x, args.base, args.A, args.B, args.scaling, bias=args.bias,
+        ...                          dropout_p=args.dropout_p, lora_bias=args.lora_bias,
+        ...                          compute_dtype=args.compute_dtype)
+    """
+    base_layer = layer.get_base_layer()
+    if getattr(layer, "fan_in_fan_out", False):
+        raise UnsupportedLoRA("fan_in_fan_out weight (Conv1D layout)")
+    if not getattr(layer, "cast_input_dtype_enabled", True):
+        raise UnsupportedLoRA("cast_input_dtype disabled")
+    base, compute_dtype = _base_weight(base_layer)
+    active = [] if layer.disable_adapters or layer.merged else \
+        [name for name in layer.active_adapters if name in layer.lora_A]
+    A, B, scaling, dropout_p, lora_bias = [], [], [], [], []
+    for name in active:
+        variant = layer.lora_variant.get(name) if hasattr(layer, "lora_variant") else None
+        if variant is not None:
+            kind = type(variant).__name__.removesuffix("LinearVariant").removesuffix("Variant") or "a variant"
+            raise UnsupportedLoRA(f"{'DoRA' if 'dora' in kind.lower() else kind} adapter {name!r}")
+        dropout = layer.lora_dropout[name]
+        if isinstance(dropout, torch.nn.Dropout):
+            dropout_p.append(dropout.p if dropout.training else 0.0)
+        elif isinstance(dropout, torch.nn.Identity):
+            dropout_p.append(0.0)
+        else:
+            raise UnsupportedLoRA(f"adapter {name!r} has a {type(dropout).__name__} dropout")
+        lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+        if type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear or lora_a.bias is not None:
+            raise UnsupportedLoRA(f"adapter {name!r} is not a pair of plain linear layers")
+        A.append(lora_a.weight)
+        B.append(lora_b.weight)
+        lora_bias.append(lora_b.bias)
+        scaling.append(float(layer.scaling[name]))
+    return LoRAArgs(base, base_layer.bias, A, B, scaling, dropout_p, lora_bias, compute_dtype)
+
+
+def _base_weight(base_layer: torch.nn.Module) -> tuple[torch.Tensor | NF4Weight, torch.dtype | None]:
+    weight = getattr(base_layer, "weight", None)
+    if getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit":
+        try:
+            return NF4Weight.from_bnb(base_layer), getattr(base_layer, "compute_dtype", None)
+        except (TypeError, ValueError) as e:
+            raise UnsupportedLoRA(str(e)) from None
+    if type(base_layer) is not torch.nn.Linear:
+        raise UnsupportedLoRA(f"base layer is a {type(base_layer).__name__}, not nn.Linear or bitsandbytes Linear4bit")
+    return weight, None
