@@ -111,6 +111,17 @@ def test_equals_peft_bnb_linear4bit(dropout):
     _equal_to_peft(layer, names, _x())
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_small_m_nf4_kernel_equals_peft_bnb(dropout, triton_device):
+    """A few tokens over a 4-bit base take the kernel that reads NF4 inside the GEMM, forward and backward."""
+    import fastlora.ops.lora as lora_ops
+
+    layer, names = _peft_layer(ranks=(8, 4), dropout=dropout, bias=True, four_bit=True)
+    with fastlora.use_backend(nf4_matmul="triton"):
+        assert lora_ops._small_nf4(lora_args(layer).base, _x().view(-1, K))
+        _equal_to_peft(layer, names, _x(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, "same"])
 @pytest.mark.parametrize("four_bit", [False, True])

@@ -8,7 +8,9 @@ r = 16 and 64, and its other projections at M = 8192; small ones on the CPU.
 Providers: ``peft`` (PEFT's LoRA ``Linear`` over an ``nn.Linear`` holding the dense weight, the NF4 one
 dequantized: the gate's reference), ``peft-bnb`` (PEFT's ``Linear4bit`` over bitsandbytes, NF4 shapes, where
 bitsandbytes is installed), ``matmuls`` (the floor of the TARGETS bars: the base GEMMs alone in the compute dtype,
-``X W^T`` and in ``full`` also ``dY W``; not gated) and ``fastlora`` (``lora_linear``). Gradients: x, A and B.
+``X W^T`` and in ``full`` also ``dY W``; not gated), ``fastlora`` (``lora_linear``: for M <= 256 over NF4 on a
+GPU, the kernel that reads NF4 inside the GEMM) and ``fastlora-dequant`` (NF4 shapes: ``lora_linear`` made to
+dequantize once then use cuBLAS, the baseline of the small-M bar). Gradients: x, A and B.
 """
 
 from __future__ import annotations
@@ -88,11 +90,17 @@ def _make(provider: str, mode: str, shape: Shape, device: torch.device, dtype: t
         if not nf4:
             raise Unavailable("a dense base has no bitsandbytes layer")
         fn = _call(_peft_layer(_bnb_linear(packed, dtype), r, a, b, True))
-    elif provider == "fastlora":
+    elif provider in ("fastlora", "fastlora-dequant"):
+        if provider == "fastlora-dequant" and not nf4:
+            raise Unavailable("a dense base has nothing to dequantize")
         base = packed if nf4 else dense
+        # fastlora-dequant: never the NF4-reading kernel, always dequantize once then cuBLAS (the small-M bar's
+        # baseline); above SMALL_M rows both are the same path.
+        backend = "torch" if provider == "fastlora-dequant" else "auto"
 
         def fn(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return fastlora.lora_linear(x, base, a, b, scaling)
+            with fastlora.use_backend(nf4_matmul=backend):
+                return fastlora.lora_linear(x, base, a, b, scaling)
     else:
         raise ValueError(f"lora: unknown provider {provider!r}")
     if mode == "forward":
@@ -121,6 +129,7 @@ SUITE = Suite(
         Provider("peft-bnb", "baseline"),
         Provider("matmuls", "floor"),
         Provider("fastlora", "fastlora"),
+        Provider("fastlora-dequant", "fastlora"),
     ),
     modes=("forward", "full"),
     shapes=Shapes(gpu=tuple(_GATE_UP + _OTHERS),

@@ -21,9 +21,11 @@ from collections.abc import Sequence
 
 import torch
 
+from ..dispatch import Backend, resolve_backend
 from ._library import define
 from ._workspace import workspace
 from .nf4 import dequantize_nf4
+from .nf4_matmul import SMALL_M, nf4_matmul
 from .nf4_weight import NF4Weight
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,6 +59,8 @@ def _scaled_b(B: Sequence[torch.Tensor], scaling: Sequence[float], dtype: torch.
 def _down(x: torch.Tensor, dropped: Sequence[torch.Tensor], A: Sequence[torch.Tensor]) -> torch.Tensor:
     """``XA`` ``[M, R]``: one GEMM when every adapter reads ``x`` itself."""
     cd = x.dtype
+    if len(A) == 1:
+        return torch.mm(dropped[0], A[0].to(cd).t())
     if _same_input(x, dropped):
         return torch.mm(x, torch.cat([a.to(cd) for a in A]).t())
     return torch.cat([torch.mm(d, a.to(cd).t()) for d, a in zip(dropped, A, strict=True)], dim=1)
@@ -68,11 +72,21 @@ def _lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     cd = x.dtype
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias.to(cd), x, weight.t())
     xa = _down(x, dropped, A)
-    y.addmm_(xa, _scaled_b(B, scaling, cd).t())
-    for lb, s in zip(lora_bias, scaling, strict=True):
+    # Each adapter's up-projection accumulates into Y, its scaling as the GEMM's alpha: no scaled copy of B.
+    for sl, b, s, lb in zip(_slices(A), B, scaling, lora_bias, strict=True):
+        y.addmm_(xa[:, sl], b.to(cd).t(), alpha=s)
         if lb is not None:
             y.add_(lb.to(cd), alpha=s)
     return y, xa
+
+
+def _slices(A: Sequence[torch.Tensor]) -> list[slice]:
+    """Each adapter's columns in ``XA`` ``[M, R]``."""
+    out, start = [], 0
+    for a in A:
+        out.append(slice(start, start + a.shape[0]))
+        start += a.shape[0]
+    return out
 
 
 def _lora_linear_fwd_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -87,23 +101,19 @@ def _lora_linear_bwd(dy: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, x
                      B: list[torch.Tensor], scaling: list[float], dropout_p: list[float], lora_bias: list[bool],
                      need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     cd = dy.dtype
-    g = torch.mm(dy, _scaled_b(B, scaling, cd))  # [M, R]: dY through each s_i B_i
-    db_all = torch.mm(dy.t(), xa)  # [N, R], before the scalings
     d_a, d_b, d_lb = [], [], []
     dy_sum = dy.sum(0, dtype=torch.float32) if any(lora_bias) else None
     dx = torch.mm(dy, weight) if need_dx else dy.new_empty((0,))
-    start = 0
-    for i, (a, b, s) in enumerate(zip(A, B, scaling, strict=True)):
-        sl = slice(start, start + a.shape[0])
-        start = sl.stop
-        d_b.append(db_all[:, sl].mul(s).to(b.dtype))  # a new tensor: outputs must not alias each other
-        d_a.append(torch.mm(g[:, sl].t(), dropped[i]).to(a.dtype))
+    for i, (sl, a, b, s) in enumerate(zip(_slices(A), A, B, scaling, strict=True)):
+        g = torch.mm(dy, b.to(cd)).mul_(s)  # [M, r]: dY through s B
+        d_b.append(torch.mm(dy.t(), xa[:, sl]).mul_(s).to(b.dtype))
+        d_a.append(torch.mm(g.t(), dropped[i]).to(a.dtype))
         d_lb.append((dy_sum * s).to(b.dtype) if lora_bias[i] else dy.new_empty((0,)))
         if need_dx:
             if masks[i] is None:
-                dx.addmm_(g[:, sl], a.to(cd))
+                dx.addmm_(g, a.to(cd))
             else:  # the dropout's backward: its mask, and 1 / (1 - p)
-                dx.add_(torch.mm(g[:, sl], a.to(cd)).mul_(masks[i]), alpha=1.0 / (1.0 - dropout_p[i]))
+                dx.add_(torch.mm(g, a.to(cd)).mul_(masks[i]), alpha=1.0 / (1.0 - dropout_p[i]))
     return dx, d_a, d_b, d_lb
 
 
@@ -122,6 +132,28 @@ define("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor[] dropped,
 define("lora_linear_bwd(Tensor dy, Tensor weight, Tensor xa, Tensor x, Tensor[] dropped, Tensor?[] masks, "
        "Tensor[] A, Tensor[] B, float[] scaling, float[] dropout_p, bool[] lora_bias, bool need_dx) "
        "-> (Tensor, Tensor[], Tensor[], Tensor[])", _lora_linear_bwd, _lora_linear_bwd_fake)
+
+
+def _small_nf4(base: torch.Tensor | NF4Weight, x: torch.Tensor) -> bool:
+    """Whether the fused NF4 GEMM serves these M rows (it needs its Triton kernel)."""
+    return isinstance(base, NF4Weight) and x.shape[0] <= SMALL_M and \
+        resolve_backend("nf4_matmul", x.device, x.dtype)[0] is Backend.TRITON
+
+
+def _forward(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None, dropped: list[torch.Tensor],
+             A: list[torch.Tensor], B: list[torch.Tensor], scaling: list[float],
+             lora_bias: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Y, XA)``: for a few rows over NF4, one kernel reads the packed weight and adds the LoRA term; else
+    GEMMs over the dense (or once dequantized) weight."""
+    if not _small_nf4(base, x):
+        return torch.ops.fastlora.lora_linear_fwd(x, _dense(base, x.dtype), bias, dropped, A, B, scaling, lora_bias)
+    xa = _down(x, dropped, A)
+    bias = None if bias is None else bias.to(x.dtype)
+    y = nf4_matmul(x, base, e1=xa, e2=_scaled_b(B, scaling, x.dtype), bias=bias)
+    for lb, s in zip(lora_bias, scaling, strict=True):
+        if lb is not None:
+            y.add_(lb.to(x.dtype), alpha=s)
+    return y, xa
 
 
 def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -151,8 +183,7 @@ class LoRALinearFunction(torch.autograd.Function):
             else:
                 dropped.append(x)
                 masks.append(None)
-        y, xa = torch.ops.fastlora.lora_linear_fwd(x, _dense(base, x.dtype), bias, dropped, A, B, list(scaling),
-                                                    lora_bias)
+        y, xa = _forward(x, base, bias, dropped, A, B, list(scaling), lora_bias)
         ctx.base, ctx.n, ctx.scaling, ctx.dropout_p = base, n, list(scaling), list(dropout_p)
         ctx.has_lora_bias = [lb is not None for lb in lora_bias]
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -165,11 +196,15 @@ class LoRALinearFunction(torch.autograd.Function):
         xa, x, *rest = ctx.saved_tensors
         dropped = [x if d is None else d for d in rest[:n]]
         masks, A, B = rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+        dy = dy.contiguous()
         need_dx = ctx.needs_input_grad[0]
-        weight = _dense(ctx.base, dy.dtype) if need_dx else dy.new_empty((0, 0))
+        small = need_dx and _small_nf4(ctx.base, dy)
+        weight = _dense(ctx.base, dy.dtype) if need_dx and not small else dy.new_empty((0, 0))
         dx, d_a, d_b, d_lb = torch.ops.fastlora.lora_linear_bwd(
-            dy.contiguous(), weight, xa, x, dropped, list(masks), list(A), list(B), ctx.scaling, ctx.dropout_p,
-            ctx.has_lora_bias, need_dx)
+            dy, weight, xa, x, dropped, list(masks), list(A), list(B), ctx.scaling, ctx.dropout_p,
+            ctx.has_lora_bias, need_dx and not small)
+        if small:
+            dx = _small_nf4_dx(dy, ctx.base, list(masks), list(A), list(B), ctx.scaling, ctx.dropout_p)
         needs = ctx.needs_input_grad[6:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
         grads += [g if has and need else None for g, has, need in zip(d_lb, ctx.has_lora_bias, needs[2 * n:],
@@ -177,6 +212,22 @@ class LoRALinearFunction(torch.autograd.Function):
         # A trainable base bias (PEFT's bias="all") is cheap to serve; the base weight never is.
         d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx if need_dx else None, None, d_bias, None, None, None, *grads
+
+
+def _small_nf4_dx(dy: torch.Tensor, base: NF4Weight, masks: list[torch.Tensor | None], A: list[torch.Tensor],
+                  B: list[torch.Tensor], scaling: list[float], dropout_p: list[float]) -> torch.Tensor:
+    """``dX = dY W + sum_i drop_i'(G_i A_i)`` over NF4 for a few rows: the adapters without dropout ride in the
+    kernel's epilogue; one with dropout needs its mask applied to its own term."""
+    cd = dy.dtype
+    plain = [i for i, m in enumerate(masks) if m is None]
+    g = torch.mm(dy, _scaled_b([B[i] for i in plain], [scaling[i] for i in plain], cd)) if plain else None
+    a_t = torch.cat([A[i].to(cd) for i in plain]).t() if plain else None
+    dx = nf4_matmul(dy, base, trans=True, e1=g, e2=a_t)
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            g_i = torch.mm(dy, B[i].to(cd)).mul_(scaling[i])
+            dx.add_(torch.mm(g_i, A[i].to(cd)).mul_(mask), alpha=1.0 / (1.0 - dropout_p[i]))
+    return dx
 
 
 def _as_list(value: object, n: int, what: str) -> list:
@@ -238,7 +289,7 @@ def lora_linear(x: torch.Tensor, base: torch.Tensor | NF4Weight, A: torch.Tensor
     else:
         dropped = [torch.nn.functional.dropout(x2.to(a.dtype), p).to(cd) if p > 0 else x2
                    for a, p in zip(As, ps, strict=True)]
-        y, _ = torch.ops.fastlora.lora_linear_fwd(x2, _dense(base, cd), bias, dropped, As, Bs, scalings, lbs)
+        y, _ = _forward(x2, base, bias, dropped, As, Bs, scalings, lbs)
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
 
 

@@ -1,0 +1,102 @@
+"""A GEMM that reads an NF4 weight directly, with the LoRA branch in its epilogue: for small M (decoding,
+evaluation) where dequantize-then-GEMM would spend its time writing and reading a dense copy of the weight.
+
+    forward  (TRANS_W=False): out[M, N] = X[M, K] @ W[N, K]^T + E1[M, R] @ E2[N, R]^T (+ bias[N])
+    backward (TRANS_W=True):  out[M, K] = dY[M, N] @ W[N, K]   + E1[M, R] @ E2[K, R]^T
+
+W is bitsandbytes' NF4 layout (element ``n * K + k``, high nibble first, absmax per block of the flat index, nested
+or plain), decoded tile by tile in registers and rounded to the output dtype as dequantize_4bit does, so the
+result equals dequantize-then-GEMM up to the order of the fp32 sums. The backward is the same kernel reading W
+transposed (a constexpr flag), with the LoRA term ``G A`` (``G = dY (s B)``) as its epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .nf4 import _nf4_table
+
+
+@triton.jit
+def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_e1, p_e2, p_bias, p_out,
+                          M, P, Q, K, R, stride_xm, stride_e1m, stride_e2p, stride_e2r, stride_om,
+                          NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, TRANS_W: tl.constexpr,
+                          HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+                          BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr):
+    # out is [M, P], the reduction runs over Q: (P, Q) = (N, K) forward, (K, N) backward.
+    DT: tl.constexpr = p_out.dtype.element_ty
+    # The dot's inputs: the output dtype on a GPU; fp32 holding the same values in the interpreter, whose
+    # bf16 tensors are raw integers.
+    DOT: tl.constexpr = tl.float32 if DOT_FP32 else DT
+    i_m, i_p = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BM + tl.arange(0, BM)  # [BM]
+    o_p = i_p * BP + tl.arange(0, BP)  # [BP]
+    m_m, m_p = o_m < M, o_p < P
+    b_acc = tl.zeros((BM, BP), dtype=tl.float32)  # [BM, BP]
+    for q0 in range(0, Q, BQ):
+        o_q = q0 + tl.arange(0, BQ)  # [BQ]
+        m_q = o_q < Q
+        b_x = tl.load(p_x + o_m[:, None].to(tl.int64) * stride_xm + o_q[None, :],
+                      mask=m_m[:, None] & m_q[None, :], other=0.0).to(tl.float32)  # [BM, BQ]
+        # The W elements of this tile, by their flat index n * K + k (int64: 14336 x 4096 passes 2**31 / 2).
+        if TRANS_W:
+            o_w = o_q[None, :].to(tl.int64) * K + o_p[:, None]  # [BP, BQ]: q is n, p is k
+        else:
+            o_w = o_p[:, None].to(tl.int64) * K + o_q[None, :]  # [BP, BQ]: p is n, q is k
+        m_w = m_p[:, None] & m_q[None, :]
+        b_byte = tl.load(p_data + (o_w >> 1), mask=m_w, other=0).to(tl.int32)  # [BP, BQ]
+        b_nib = tl.where((o_w & 1) == 0, b_byte >> 4, b_byte & 0xF)
+        o_blk = o_w // BLOCKSIZE
+        if NESTED:
+            b_q8 = tl.load(p_absmax + o_blk, mask=m_w, other=0).to(tl.int32)
+            b_scale = tl.load(p_code2 + b_q8, mask=m_w, other=0.0) * tl.load(p_absmax2 + o_blk // 256, mask=m_w,
+                                                                                other=0.0) + tl.load(p_offset)
+        else:
+            b_scale = tl.load(p_absmax + o_blk, mask=m_w, other=0.0)
+        # Rounded to the output dtype as dequantize_4bit's result is, then multiplied in that dtype.
+        b_w = (tl.load(p_nf4 + b_nib, mask=m_w, other=0.0) * b_scale).to(DT).to(DOT)  # [BP, BQ]
+        b_acc += tl.dot(b_x.to(DT).to(DOT), tl.trans(b_w))
+    if HAS_LORA:
+        for r0 in range(0, R, BR):
+            o_r = r0 + tl.arange(0, BR)  # [BR]
+            m_r = o_r < R
+            b_e1 = tl.load(p_e1 + o_m[:, None].to(tl.int64) * stride_e1m + o_r[None, :],
+                           mask=m_m[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # [BM, BR]
+            b_e2 = tl.load(p_e2 + o_p[:, None].to(tl.int64) * stride_e2p + o_r[None, :] * stride_e2r,
+                           mask=m_p[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # [BP, BR]
+            b_acc += tl.dot(b_e1.to(DT).to(DOT), tl.trans(b_e2.to(DT).to(DOT)))
+    if HAS_BIAS:
+        b_acc += tl.load(p_bias + o_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
+    tl.store(p_out + o_m[:, None].to(tl.int64) * stride_om + o_p[None, :], b_acc.to(DT),
+             mask=m_m[:, None] & m_p[None, :])
+
+
+def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.Tensor | None,
+               absmax2: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int, n: int, k: int,
+               out: torch.Tensor, *, trans_w: bool = False, e1: torch.Tensor | None = None,
+               e2: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+    """``out = x @ W^T (+ e1 @ e2^T) (+ bias)``, or with ``trans_w`` ``out = x @ W (+ e1 @ e2^T)``, W ``[n, k]`` NF4.
+
+    ``x`` ``[M, Q]`` and ``e1`` ``[M, R]`` have contiguous rows; ``e2`` is ``[P, R]`` with any strides (``A.t()``
+    in the backward); ``out`` ``[M, P]`` with contiguous rows, in the compute dtype.
+    """
+    m, q = x.shape
+    p = out.shape[1]
+    if m == 0 or p == 0:
+        return
+    nested = absmax_code is not None
+    code2, scale2, off = (absmax_code, absmax2, offset) if nested else (absmax, absmax, absmax)
+    has_lora = e1 is not None
+    rank = e1.shape[1] if has_lora else 0
+    # Small M is the point: one row block of 16 (tl.dot's least) covers decoding, 64 for prompts.
+    bm = 16 if m <= 16 else 64
+    grid = (triton.cdiv(m, bm), triton.cdiv(p, 64))
+    nf4_matmul_fwd_kernel[grid](
+        x, data, absmax, code2, scale2, off, _nf4_table(x.device), e1 if has_lora else x, e2 if has_lora else x,
+        bias if bias is not None else x, out, m, p, q, k, rank, x.stride(0), e1.stride(0) if has_lora else 0,
+        e2.stride(0) if has_lora else 0, e2.stride(1) if has_lora else 0, out.stride(0),
+        NESTED=nested, BLOCKSIZE=blocksize, TRANS_W=trans_w, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+        DOT_FP32=x.device.type == "cpu", BM=bm, BP=64, BQ=64, BR=16, enable_fp_fusion=False,
+    )
