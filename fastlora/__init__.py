@@ -24,6 +24,7 @@ from .ops import (
     dequantize_nf4,
     fused_linear_cross_entropy,
     lora_linear,
+    lora_qkv,
     quantize_nf4,
     swiglu,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "device_info",
     "fused_linear_cross_entropy",
     "lora_linear",
+    "lora_qkv",
     "quantize_nf4",
     "resolve_backend",
     "swiglu",

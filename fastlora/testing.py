@@ -75,3 +75,60 @@ def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, tor
             f"{name}: max error {float(err.max()):.3e} exceeds the bound (2 x torch's {float(torch_err):.3e} "
             f"+ {ulps} ulp + {atol:g}); worst element {i}: got {float(got.flatten()[i])}, "
             f"reference {float(ref.flatten()[i])}")
+
+
+def make_peft_lora_layer(in_features: int, out_features: int, *, ranks: tuple[int, ...] = (8,), dropout: float = 0.0,
+                         bias: bool = False, lora_bias: bool = False, rslora: bool = False,
+                         adapter_dtype: torch.dtype = torch.float32, base_dtype: torch.dtype = torch.float32,
+                         four_bit: bool = False, seed: int = 0) -> tuple[torch.nn.Module, list[str]]:
+    """A PEFT LoRA layer over a frozen ``nn.Linear`` (or a bitsandbytes NF4 ``Linear4bit``) with random, non-zero
+    adapters ``a0, a1, ...`` of ``ranks`` (alpha 16 for the first, 2r for the others), all active.
+
+    Example:
+        >>> layer, names = make_peft_lora_layer(48, 40, ranks=(8, 4), dropout=0.1)
+        >>> names
+        ['a0', 'a1']
+    """
+    from peft.tuners import lora
+
+    torch.manual_seed(seed)
+    if four_bit:
+        import bitsandbytes as bnb
+
+        base = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=base_dtype,
+                                 quant_type="nf4").to("cpu")
+        cls = lora.Linear4bit
+    else:
+        base = torch.nn.Linear(in_features, out_features, bias=bias).to(base_dtype)
+        cls = lora.Linear
+    base.requires_grad_(False)  # as get_peft_model leaves it
+    names = [f"a{i}" for i in range(len(ranks))]
+
+    def config(r: int, alpha: int) -> lora.LoraConfig:
+        return lora.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, lora_bias=lora_bias)
+
+    layer = cls(base, names[0], config(ranks[0], 16), r=ranks[0], lora_alpha=16)
+    for name, r in zip(names[1:], ranks[1:], strict=True):
+        layer.update_layer(name, r, 2 * r, config(r, 2 * r))
+    layer.set_adapter(names)
+    for name in names:
+        for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
+            torch.nn.init.normal_(p, std=0.3)
+            p.data = p.data.to(adapter_dtype)
+    return layer, names
+
+
+def lora_grads(layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor | None]:
+    """The gradients of a PEFT LoRA layer's adapters, by name (``A[a0]``, ``B[a0]``, ``lora_bias[a0]``).
+
+    Example:
+        >>> sorted(lora_grads(layer, ["a0"]))
+        ['A[a0]', 'B[a0]']
+    """
+    out = {}
+    for n in names:
+        out[f"A[{n}]"] = layer.lora_A[n].weight.grad
+        out[f"B[{n}]"] = layer.lora_B[n].weight.grad
+        if layer.lora_B[n].bias is not None:
+            out[f"lora_bias[{n}]"] = layer.lora_B[n].bias.grad
+    return out

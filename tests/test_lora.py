@@ -7,40 +7,17 @@ import fastlora
 from fastlora import NF4Weight
 from fastlora.ops.lora import lora_linear_reference
 from fastlora.patching import UnsupportedLoRA, lora_args
-from fastlora.testing import assert_close_to_reference
+from fastlora.testing import assert_close_to_reference, lora_grads, make_peft_lora_layer
 
 peft_lora = pytest.importorskip("peft.tuners.lora")
 
 K, N = 48, 40  # odd-ish sizes: not multiples of the GEMM tiles
 
 
-def _peft_layer(*, ranks=(8,), dropout=0.0, bias=False, lora_bias=False, rslora=False, adapter_dtype=torch.float32,
-                base_dtype=torch.float32, four_bit=False, seed=0):
-    """A PEFT LoRA layer with random (non-zero) adapters, the first len(ranks) of them active."""
-    torch.manual_seed(seed)
-    if four_bit:
-        bnb = pytest.importorskip("bitsandbytes")
-        base = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=base_dtype, quant_type="nf4").to("cpu")
-        cls = peft_lora.Linear4bit
-    else:
-        base = torch.nn.Linear(K, N, bias=bias).to(base_dtype)
-        cls = peft_lora.Linear
-    base.requires_grad_(False)  # as get_peft_model leaves it
-    names = [f"a{i}" for i in range(len(ranks))]
-
-    def config(r, alpha):
-        return peft_lora.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora,
-                                    lora_bias=lora_bias)
-
-    layer = cls(base, names[0], config(ranks[0], 16), r=ranks[0], lora_alpha=16)
-    for name, r in zip(names[1:], ranks[1:], strict=True):
-        layer.update_layer(name, r, 2 * r, config(r, 2 * r))
-    layer.set_adapter(names)
-    for name in names:
-        for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
-            torch.nn.init.normal_(p, std=0.3)
-            p.data = p.data.to(adapter_dtype)
-    return layer, names
+def _peft_layer(**kwargs):
+    if kwargs.get("four_bit"):
+        pytest.importorskip("bitsandbytes")
+    return make_peft_lora_layer(K, N, **kwargs)
 
 
 def _fastlora_forward(layer, names, x):
@@ -50,14 +27,7 @@ def _fastlora_forward(layer, names, x):
                                 dropout_p=args.dropout_p, lora_bias=args.lora_bias, compute_dtype=args.compute_dtype)
 
 
-def _grads(layer, names):
-    out = {}
-    for n in names:
-        out[f"A[{n}]"] = layer.lora_A[n].weight.grad
-        out[f"B[{n}]"] = layer.lora_B[n].weight.grad
-        if layer.lora_B[n].bias is not None:
-            out[f"lora_bias[{n}]"] = layer.lora_B[n].bias.grad
-    return out
+_grads = lora_grads
 
 
 def _run(layer, names, x, fn, seed=5):

@@ -1,0 +1,221 @@
+"""The q, k and v projections of one input, each with one LoRA adapter, as one op.
+
+X is read once: one GEMM makes the three down-projections ``XA = X [A_q; A_k; A_v]^T`` (``[M, 3r]``) when no
+adapter has dropout. The outputs are column blocks of one ``[M, Nq + Nk + Nv]`` tensor, so that their gradients
+arrive as one ``dY``. Over NF4 the three weights are dequantized into one ``[Nq + Nk + Nv, K]`` workspace and each
+direction is a single GEMM; dense weights take one GEMM each, written into (and read from) the column blocks.
+The LoRA term of ``dX`` is one GEMM for the three adapters: ``[G_q | G_k | G_v] [A_q; A_k; A_v]``.
+
+The stack: reference (:func:`lora_qkv_reference`) -> ``fastlora::lora_qkv_fwd`` / ``lora_qkv_bwd`` ->
+:class:`LoRAQKVFunction` -> :func:`lora_qkv`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..kernels._utils import empty
+from ._library import define
+from ._workspace import workspace
+from .lora import _FLOATS, _check, _down, _slices, lora_linear_reference
+from .nf4 import dequantize_nf4
+from .nf4_weight import NF4Weight
+
+Base = torch.Tensor | NF4Weight
+
+
+def lora_qkv_reference(x: torch.Tensor, weights: Sequence[torch.Tensor], A: Sequence[torch.Tensor],
+                       B: Sequence[torch.Tensor], scaling: Sequence[float],
+                       biases: Sequence[torch.Tensor | None] = (None, None, None),
+                       dropped: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The three projections with plain differentiable PyTorch: the test oracle."""
+    return [lora_linear_reference(x, w, [a], [b], [s], bias, dropped=None if dropped is None else [dropped[i]])
+            for i, (w, a, b, s, bias) in enumerate(zip(weights, A, B, scaling, biases, strict=True))]
+
+
+def _row_blocks(sizes: Sequence[int]) -> list[slice]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(slice(start, start + n))
+        start += n
+    return out
+
+
+def _lora_qkv_fwd(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                  dropped: list[torch.Tensor], A: list[torch.Tensor], B: list[torch.Tensor],
+                  scaling: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    cd = x.dtype
+    blocks = _row_blocks([b.shape[0] for b in B])
+    if len(weights) == 1:  # the three weights stacked: one GEMM
+        y = torch.mm(x, weights[0].t())
+    else:
+        y = empty((x.shape[0], blocks[-1].stop), dtype=cd, device=x.device)
+        for cols, w in zip(blocks, weights, strict=True):
+            torch.mm(x, w.t(), out=y[:, cols])
+    xa = _down(x, dropped, A)
+    for cols, sl, b, s, bias in zip(blocks, _slices(A), B, scaling, biases, strict=True):
+        y[:, cols].addmm_(xa[:, sl], b.to(cd).t(), alpha=s)
+        if bias is not None:
+            y[:, cols].add_(bias.to(cd))
+    return y, xa
+
+
+def _lora_qkv_fwd_fake(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                       dropped: list[torch.Tensor], A: list[torch.Tensor], B: list[torch.Tensor],
+                       scaling: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = sum(b.shape[0] for b in B)
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], sum(a.shape[0] for a in A)))
+
+
+def _lora_qkv_bwd(dy: torch.Tensor, weights: list[torch.Tensor], xa: torch.Tensor, x: torch.Tensor,
+                  dropped: list[torch.Tensor], masks: list[torch.Tensor | None], A: list[torch.Tensor],
+                  B: list[torch.Tensor], scaling: list[float], dropout_p: list[float],
+                  need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    cd = dy.dtype
+    blocks = _row_blocks([b.shape[0] for b in B])
+    d_a, d_b, gs = [], [], []
+    for cols, sl, a, b, s, d in zip(blocks, _slices(A), A, B, scaling, dropped, strict=True):
+        g = torch.mm(dy[:, cols], b.to(cd)).mul_(s)  # [M, r]
+        gs.append(g)
+        d_b.append(torch.mm(dy[:, cols].t(), xa[:, sl]).mul_(s).to(b.dtype))
+        d_a.append(torch.mm(g.t(), d).to(a.dtype))
+    if not need_dx:
+        return dy.new_empty((0,)), d_a, d_b
+    if len(weights) == 1:
+        dx = torch.mm(dy, weights[0])
+    else:
+        dx = torch.mm(dy[:, blocks[0]], weights[0])
+        for cols, w in zip(blocks[1:], weights[1:], strict=True):
+            dx.addmm_(dy[:, cols], w)
+    if all(m is None for m in masks):
+        dx.addmm_(torch.cat(gs, dim=1), torch.cat([a.to(cd) for a in A]))
+    else:
+        for g, a, mask, p in zip(gs, A, masks, dropout_p, strict=True):
+            if mask is None:
+                dx.addmm_(g, a.to(cd))
+            else:
+                dx.add_(torch.mm(g, a.to(cd)).mul_(mask), alpha=1.0 / (1.0 - p))
+    return dx, d_a, d_b
+
+
+def _lora_qkv_bwd_fake(dy: torch.Tensor, weights: list[torch.Tensor], xa: torch.Tensor, x: torch.Tensor,
+                       dropped: list[torch.Tensor], masks: list[torch.Tensor | None], A: list[torch.Tensor],
+                       B: list[torch.Tensor], scaling: list[float], dropout_p: list[float],
+                       need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    dx = dy.new_empty((dy.shape[0], x.shape[1]) if need_dx else (0,))
+    return dx, [a.new_empty(a.shape) for a in A], [b.new_empty(b.shape) for b in B]
+
+
+define("lora_qkv_fwd(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] dropped, Tensor[] A, Tensor[] B, "
+       "float[] scaling) -> (Tensor, Tensor)", _lora_qkv_fwd, _lora_qkv_fwd_fake)
+define("lora_qkv_bwd(Tensor dy, Tensor[] weights, Tensor xa, Tensor x, Tensor[] dropped, Tensor?[] masks, "
+       "Tensor[] A, Tensor[] B, float[] scaling, float[] dropout_p, bool need_dx) -> (Tensor, Tensor[], Tensor[])",
+       _lora_qkv_bwd, _lora_qkv_bwd_fake)
+
+
+def _weights(bases: Sequence[Base], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Dense weights as they are; NF4 ones dequantized into the rows of one shared ``[sum N, K]`` workspace."""
+    if not all(isinstance(b, NF4Weight) for b in bases):
+        return [b if isinstance(b, torch.Tensor) else dequantize_nf4(b, dtype=dtype) for b in bases]
+    shape = (sum(b.shape[0] for b in bases), bases[0].shape[1])
+    stacked = torch.empty(shape, dtype=dtype, device=bases[0].device) if torch.compiler.is_compiling() else \
+        workspace("lora_qkv_nf4", shape, dtype, bases[0].device)
+    for rows, b in zip(_row_blocks([b.shape[0] for b in bases]), bases, strict=True):
+        dequantize_nf4(b, dtype=dtype, out=stacked[rows])
+    return [stacked]
+
+
+class LoRAQKVFunction(torch.autograd.Function):
+    """``apply(x [M, K], bases, dropout_p, scaling, *A, *B, *biases)`` -> ``[M, Nq + Nk + Nv]``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bases: tuple[Base, ...], dropout_p: tuple[float, ...],
+                scaling: tuple[float, ...], *tensors: torch.Tensor | None) -> torch.Tensor:
+        n = len(bases)
+        A, B, biases = list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:])
+        dropped, masks = [], []
+        for a, p in zip(A, dropout_p, strict=True):
+            if p > 0:  # in the adapter's dtype, as PEFT does: the same mask for the same RNG state
+                xd, mask = torch.native_dropout(x.to(a.dtype), p, True)
+                dropped.append(xd.to(x.dtype))
+                masks.append(mask)
+            else:
+                dropped.append(x)
+                masks.append(None)
+        y, xa = torch.ops.fastlora.lora_qkv_fwd(x, _weights(bases, x.dtype), biases, dropped, A, B, list(scaling))
+        ctx.bases, ctx.scaling, ctx.dropout_p, ctx.n = bases, list(scaling), list(dropout_p), n
+        ctx.bias_dtypes = [None if bias is None else bias.dtype for bias in biases]
+        ctx.save_for_backward(xa, x, *[d if d is not x else None for d in dropped], *masks, *A, *B)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        n = ctx.n
+        xa, x, *rest = ctx.saved_tensors
+        dropped = [x if d is None else d for d in rest[:n]]
+        masks, A, B = rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+        dy = dy.contiguous()
+        need_dx = ctx.needs_input_grad[0]
+        weights = _weights(ctx.bases, dy.dtype) if need_dx else []
+        dx, d_a, d_b = torch.ops.fastlora.lora_qkv_bwd(dy, weights, xa, x, dropped, list(masks), list(A), list(B),
+                                                       ctx.scaling, ctx.dropout_p, need_dx)
+        needs = ctx.needs_input_grad[4:]
+        grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
+        for cols, dtype, need in zip(_row_blocks([b.shape[0] for b in B]), ctx.bias_dtypes, needs[2 * n:],
+                                     strict=True):
+            grads.append(dy[:, cols].sum(0, dtype=torch.float32).to(dtype) if need else None)
+        return dx if need_dx else None, None, None, None, *grads
+
+
+def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
+             scaling: Sequence[float], *, biases: Sequence[torch.Tensor | None] | None = None,
+             dropout_p: Sequence[float] | float = 0.0,
+             compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """q, k and v (any number of projections of one input), each ``lora_linear`` with one adapter, in one op.
+
+    Equal to ``[lora_linear(x, bases[i], A[i], B[i], scaling[i], bias=biases[i], dropout_p=dropout_p[i])]``, with
+    X read once for the down-projections and, over NF4 bases, one GEMM per direction for the three weights.
+
+    Args:
+        x: ``[..., K]`` float32, float16 or bfloat16.
+        bases: the frozen weights ``[N_i, K]``: tensors or :class:`NF4Weight` (all NF4 to share one GEMM).
+        A, B: one adapter per projection, ``[r_i, K]`` and ``[N_i, r_i]``.
+        scaling: per projection.
+        biases: the base layers' biases (Qwen2 has q/k/v biases), or None.
+        dropout_p: per projection (each has its own mask, as PEFT's per-layer dropouts do).
+        compute_dtype: the GEMMs' dtype; default ``x.dtype``. The outputs are in ``x.dtype``.
+
+    Returns:
+        One ``[..., N_i]`` tensor per projection: column blocks of one buffer (views with a row stride of
+        ``sum N_i``), which ``.view(B, S, H, D)`` accepts as HF's attention does.
+
+    Example:
+        >>> q, k, v = fastlora.lora_qkv(h, [wq, wk, wv], [aq, ak, av], [bq, bk, bv], [2.0, 2.0, 2.0])
+    """
+    n = len(bases)
+    biases = [None] * n if biases is None else list(biases)
+    ps = [float(dropout_p)] * n if isinstance(dropout_p, (int, float)) else [float(p) for p in dropout_p]
+    if not (len(A) == len(B) == len(scaling) == len(biases) == len(ps) == n) or n == 0:
+        raise ValueError(f"lora_qkv: bases, A, B, scaling, biases and dropout_p need one entry per projection; got "
+                         f"{n}, {len(A)}, {len(B)}, {len(scaling)}, {len(biases)}, {len(ps)}")
+    for i in range(n):
+        _check(x, bases[i], [A[i]], [B[i]], [ps[i]], biases[i], [None])
+    cd = compute_dtype or x.dtype
+    if cd not in _FLOATS:
+        raise TypeError(f"lora_qkv: compute_dtype must be float32, float16 or bfloat16, got {cd}")
+    x2 = x.reshape(-1, x.shape[-1]).to(cd)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    tensors = (*A, *B, *biases)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)):
+        y = LoRAQKVFunction.apply(x2, tuple(bases), tuple(ps), tuple(float(s) for s in scaling), *tensors)
+    else:
+        dropped = [torch.nn.functional.dropout(x2.to(a.dtype), p).to(cd) if p > 0 else x2
+                   for a, p in zip(A, ps, strict=True)]
+        y, _ = torch.ops.fastlora.lora_qkv_fwd(x2, _weights(bases, cd), biases, dropped, list(A), list(B),
+                                               [float(s) for s in scaling])
+    y = y.to(x.dtype)
+    return tuple(y[:, cols].view(*x.shape[:-1], cols.stop - cols.start)
+                 for cols in _row_blocks([b.shape[0] for b in B]))

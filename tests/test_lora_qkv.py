@@ -1,0 +1,111 @@
+"""fastlora.lora_qkv against three PEFT LoRA layers (dense and bitsandbytes 4-bit) sharing one input."""
+
+import pytest
+import torch
+
+import fastlora
+from fastlora.patching import lora_args
+from fastlora.testing import lora_grads, make_peft_lora_layer
+
+K = 48
+
+SIZES = (40, 16, 16)  # q, and k/v with fewer heads (GQA)
+
+
+def _x(shape=(3, 5), seed=2):
+    return torch.randn(*shape, K, generator=torch.Generator().manual_seed(seed))
+
+
+def _layers(*, dropout=0.0, bias=False, four_bit=False):
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+    return [make_peft_lora_layer(K, n, ranks=(4 + 2 * i,), dropout=dropout, bias=bias, four_bit=four_bit, seed=i)
+            for i, n in enumerate(SIZES)]
+
+
+def _fastlora(layers, x):
+    args = [lora_args(layer) for layer, _ in layers]
+    return fastlora.lora_qkv(x, [a.base for a in args], [a.A[0] for a in args], [a.B[0] for a in args],
+                             [a.scaling[0] for a in args], biases=[a.bias for a in args],
+                             dropout_p=[a.dropout_p[0] for a in args], compute_dtype=args[0].compute_dtype)
+
+
+def _run(layers, x, fn):
+    for layer, _ in layers:
+        layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(5)
+    outs = fn(x)
+    g = torch.Generator().manual_seed(1)
+    sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs).backward()
+    return [o.detach() for o in outs], x.grad, [lora_grads(layer, names) for layer, names in layers]
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [False, True])
+def test_equals_three_peft_layers(bias, dropout, four_bit):
+    layers = _layers(dropout=dropout, bias=bias, four_bit=four_bit)
+    x = _x()
+    # PEFT runs the three layers one after another on the same input: the masks come in that order.
+    ref_outs, ref_dx, ref_grads = _run(layers, x, lambda t: [layer(t) for layer, _ in layers])
+    outs, dx, grads = _run(layers, x, lambda t: _fastlora(layers, t))
+    for got, want in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.keys() == want.keys()
+        for name in got:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_outputs_view_as_heads_and_biases_train():
+    layers = _layers(bias=True)
+    for layer, _ in layers:
+        layer.get_base_layer().bias.requires_grad_(True)  # PEFT's bias="all"
+    x = _x(shape=(2, 3))
+    q, k, v = _fastlora(layers, x)
+    assert q.view(2, 3, 5, 8).shape == (2, 3, 5, 8) and k.view(2, 3, 2, 8).shape == (2, 3, 2, 8)
+    (q.sum() + 2 * k.sum() + 3 * v.sum()).backward()
+    for weight, (layer, _) in zip((1, 2, 3), layers, strict=True):
+        torch.testing.assert_close(layer.get_base_layer().bias.grad, torch.full((layer.out_features,), 6.0 * weight))
+
+
+def test_bad_input():
+    layers = _layers()
+    args = [lora_args(layer) for layer, _ in layers]
+    with pytest.raises(ValueError, match="one entry per projection"):
+        fastlora.lora_qkv(_x(), [a.base for a in args], [a.A[0] for a in args[:2]], [a.B[0] for a in args],
+                          [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="x has 5 features"):
+        fastlora.lora_qkv(_x()[..., :5], [a.base for a in args], [a.A[0] for a in args], [a.B[0] for a in args],
+                          [1.0, 1.0, 1.0])
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, K, generator=g)
+    ws = [torch.randn(n, K, generator=g) for n in SIZES]
+    A = [torch.randn(4, K, generator=g) for _ in SIZES]
+    B = [torch.randn(n, 4, generator=g) for n in SIZES]
+    biases = [torch.randn(SIZES[0], generator=g), None, None]
+    xd, mask = torch.native_dropout(x, 0.3, True)
+    for weights in (ws, [torch.cat(ws)]):
+        torch.library.opcheck(torch.ops.fastlora.lora_qkv_fwd.default, (x, weights, biases, [x, xd, x], A, B,
+                                                                         [0.5, 2.0, 1.0]))
+        y, xa = torch.ops.fastlora.lora_qkv_fwd(x, weights, biases, [x, xd, x], A, B, [0.5, 2.0, 1.0])
+        dy = torch.randn(y.shape, generator=g)
+        torch.library.opcheck(torch.ops.fastlora.lora_qkv_bwd.default,
+                              (dy, weights, xa, x, [x, xd, x], [None, mask, None], A, B, [0.5, 2.0, 1.0],
+                               [0.0, 0.3, 0.0], True))
+
+
+def test_compile_fullgraph():
+    layers = _layers(four_bit=False)
+    x = _x().requires_grad_(True)
+    compiled = torch.compile(lambda t: sum(o.sum() for o in _fastlora(layers, t * 2)), fullgraph=True,
+                             backend="aot_eager")
+    compiled(x).backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    sum(layer(x_ref * 2).sum() for layer, _ in layers).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
