@@ -18,12 +18,14 @@ import importlib.metadata
 from .device import DeviceInfo, device_info
 from .dispatch import Backend, BackendUnavailableError, resolve_backend, use_backend
 from .ops import (
+    LoRAProjection,
     NF4Weight,
     apply_rope,
     cross_entropy,
     dequantize_nf4,
     fused_linear_cross_entropy,
     lora_linear,
+    lora_mlp,
     lora_qkv,
     quantize_nf4,
     swiglu,
@@ -38,6 +40,7 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "DeviceInfo",
+    "LoRAProjection",
     "NF4Weight",
     "apply_rope",
     "cross_entropy",
@@ -45,6 +48,7 @@ __all__ = [
     "device_info",
     "fused_linear_cross_entropy",
     "lora_linear",
+    "lora_mlp",
     "lora_qkv",
     "quantize_nf4",
     "resolve_backend",

@@ -99,6 +99,7 @@ _POLICIES: dict[str, OpPolicy] = {
     # dtype is the output's: the packed weight is uint8 whatever it dequantizes to.
     "nf4_dequantize": OpPolicy("nf4_dequantize", (Backend.TRITON, Backend.CUDA, Backend.CPP, Backend.TORCH)),
     "nf4_matmul": OpPolicy("nf4_matmul", (Backend.TRITON, Backend.TORCH)),
+    "glu": OpPolicy("glu", (Backend.TRITON, Backend.TORCH)),
     "rope": OpPolicy("rope", (Backend.TRITON, Backend.TORCH)),
     "cross_entropy": OpPolicy("cross_entropy", (Backend.TRITON, Backend.TORCH)),
 }

@@ -17,13 +17,15 @@ NATIVE_NONE: frozenset = frozenset()
 # What each simulated machine must choose for every op in the table, at its recommended dtype, with the
 # native extension built. A new op adds its column here.
 EXPECTED = {
-    "h100": (bf16, {"swiglu": T, "nf4_dequantize": T, "rope": T, "cross_entropy": T, "nf4_matmul": T}),
-    "a100": (bf16, {"swiglu": T, "nf4_dequantize": T, "rope": T, "cross_entropy": T, "nf4_matmul": T}),
-    "t4": (fp16, {"swiglu": T, "nf4_dequantize": T, "rope": T, "cross_entropy": T, "nf4_matmul": T}),
+    "h100": (bf16, {"swiglu": T, "nf4_dequantize": T, "rope": T, "cross_entropy": T, "nf4_matmul": T, "glu": T}),
+    "a100": (bf16, {"swiglu": T, "nf4_dequantize": T, "rope": T, "cross_entropy": T, "nf4_matmul": T, "glu": T}),
+    "t4": (fp16, {"swiglu": T, "nf4_dequantize": T, "rope": T, "cross_entropy": T, "nf4_matmul": T, "glu": T}),
     # Triton skips Volta: the CUDA extension where the op has one, else the reference
-    "v100": (fp16, {"swiglu": TORCH, "nf4_dequantize": CU, "rope": TORCH, "cross_entropy": TORCH, "nf4_matmul": TORCH}),
-    "mi300x": (bf16, {"swiglu": T, "nf4_dequantize": T, "rope": T, "cross_entropy": T, "nf4_matmul": T}),
-    "cpu": (fp32, {"swiglu": CPP, "nf4_dequantize": CPP, "rope": TORCH, "cross_entropy": TORCH, "nf4_matmul": TORCH}),
+    "v100": (fp16, {"swiglu": TORCH, "nf4_dequantize": CU, "rope": TORCH, "cross_entropy": TORCH,
+                    "nf4_matmul": TORCH, "glu": TORCH}),
+    "mi300x": (bf16, {"swiglu": T, "nf4_dequantize": T, "rope": T, "cross_entropy": T, "nf4_matmul": T, "glu": T}),
+    "cpu": (fp32, {"swiglu": CPP, "nf4_dequantize": CPP, "rope": TORCH, "cross_entropy": TORCH,
+                   "nf4_matmul": TORCH, "glu": TORCH}),
 }
 
 
