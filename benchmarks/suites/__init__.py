@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..harness import Suite
-from . import cross_entropy, lora, nf4, roofline, rope, swiglu
+from . import cross_entropy, lora, lora_mlp, nf4, roofline, rope, swiglu
 
 SUITES: dict[str, Suite] = {s.name: s for s in (roofline.SUITE, swiglu.SUITE, nf4.SUITE, rope.SUITE,
-                                               cross_entropy.CE_SUITE, cross_entropy.FLCE_SUITE, lora.SUITE)}
+                                               cross_entropy.CE_SUITE, cross_entropy.FLCE_SUITE, lora.SUITE,
+                                               lora_mlp.SUITE)}
 
 
 def select(names: Iterable[str] | None = None) -> list[Suite]:

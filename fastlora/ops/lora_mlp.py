@@ -107,6 +107,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             [p_h], [False], True)
         del h, h_dropped
         torch.ops.fastlora.glu_bwd_(dh, gu, ctx.activation)  # gu now holds [d gate | d up]
+        del dh
         need_dx = ctx.needs_input_grad[0]
         weights = _weights(ctx.gu_bases, cd) if need_dx else []
         dx, d_a, d_b = torch.ops.fastlora.lora_qkv_bwd(gu, weights, xa_gu, x, dropped, list(masks), A[:-1], B[:-1],

@@ -1,0 +1,115 @@
+"""A LoRA gated MLP (SwiGLU): PEFT's three layers and F.silu, the bare GEMMs, fastlora.lora_mlp.
+
+A shape is ``(M, H, I, r, nf4)``: M tokens, hidden H, intermediate I, one rank-r adapter per projection (alpha
+2r, fp32 adapters), dense or NF4 bases. Llama-3.1-8B's MLP on a GPU (H 4096, I 14336), a small one on the CPU.
+Providers: ``peft`` (the reference: PEFT LoRA layers over ``nn.Linear`` holding the dense, or dequantized,
+weights), ``matmuls`` (the floor: the three base GEMMs, and in ``full`` their three dX GEMMs; not gated) and
+``fastlora``. Gradients: x and every A and B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import fastlora
+from fastlora import LoRAProjection
+
+from ..harness import Case, Provider, Shape, Shapes, Suite, Work, autograd_case, randn
+
+
+class _PeftMLP(torch.nn.Module):
+    def __init__(self, gate: torch.nn.Module, up: torch.nn.Module, down: torch.nn.Module):
+        super().__init__()
+        self.gate, self.up, self.down = gate, up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def _peft_mlp(weights: list[torch.Tensor], r: int) -> Callable[..., torch.Tensor]:
+    from peft.tuners.lora import Linear, LoraConfig
+
+    layers = []
+    for w in weights:
+        base = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        base.weight.data = w
+        layers.append(Linear(base.requires_grad_(False), "default", LoraConfig(r=r, lora_alpha=2 * r), r=r,
+                             lora_alpha=2 * r))
+    mlp = _PeftMLP(*layers)
+
+    def fn(x: torch.Tensor, *ab: torch.Tensor) -> torch.Tensor:
+        # The adapters come in as inputs (the harness takes their gradients), in gate, up, down order.
+        params = {f"{name}.lora_{kind}.default.weight": ab[2 * i + j]
+                  for i, name in enumerate(("gate", "up", "down")) for j, kind in enumerate("AB")}
+        return torch.func.functional_call(mlp, params, (x,))
+
+    return fn
+
+
+def _work(m: int, h: int, i: int, r: int, nf4: int, dtype: torch.dtype) -> tuple[Work, Work]:
+    size = torch.finfo(dtype).bits // 8
+    weight_bytes = 3 * h * i * (size if not nf4 else 0.5)
+    base, lora = 2 * m * h * i * 3, 2 * m * r * (h + i) * 3
+    return Work(bytes=int(weight_bytes), flops=base + lora), Work(bytes=int(weight_bytes), flops=base + 2 * lora)
+
+
+def _make(provider: str, mode: str, shape: Shape, device: torch.device, dtype: torch.dtype) -> Case:
+    m, h, i, r, nf4 = shape
+    x = randn((m, h), device=device, dtype=dtype, seed=0)
+    dims = [(i, h), (i, h), (h, i)]
+    weights = [randn(d, device=device, dtype=dtype, seed=1 + j, scale=d[1] ** -0.5) for j, d in enumerate(dims)]
+    packed = [fastlora.quantize_nf4(w) for w in weights] if nf4 else None
+    dense = [fastlora.dequantize_nf4(p, dtype=dtype) for p in packed] if nf4 else weights
+    adapters = [(randn((r, d[1]), device=device, dtype=torch.float32, seed=10 + j, scale=d[1] ** -0.5),
+                 randn((d[0], r), device=device, dtype=torch.float32, seed=20 + j, scale=r ** -0.5))
+                for j, d in enumerate(dims)]
+    forward, backward = _work(m, h, i, r, nf4, dtype)
+    if provider == "matmuls":
+        dy, dg = randn((m, h), device=device, dtype=dtype, seed=4), randn((m, i), device=device, dtype=dtype, seed=5)
+        wg, wu, wd = dense
+
+        def floor() -> tuple[torch.Tensor, ...]:
+            outs = (x @ wg.t(), x @ wu.t(), dg @ wd.t())
+            return outs if mode == "forward" else (*outs, dg @ wg, dg @ wu, dy @ wd)
+
+        return Case(fn=floor, work=forward if mode == "forward" else forward + backward)
+    if provider == "peft":
+        fn = _peft_mlp(dense, r)
+    elif provider == "fastlora":
+        bases = packed if nf4 else dense
+
+        def fn(x: torch.Tensor, *ab: torch.Tensor) -> torch.Tensor:
+            p = [LoRAProjection(bases[j], ab[2 * j], ab[2 * j + 1], 2.0) for j in range(3)]
+            return fastlora.lora_mlp(x, p[:2], p[2])
+    else:
+        raise ValueError(f"lora_mlp: unknown provider {provider!r}")
+    inputs = [x, *[t for pair in adapters for t in pair]]
+    if mode == "forward":
+        def call() -> torch.Tensor:
+            with torch.no_grad():
+                return fn(*inputs)
+
+        return Case(fn=call, work=forward)
+    return autograd_case(fn, inputs, mode, forward=forward, backward=backward)
+
+
+SUITE = Suite(
+    name="lora_mlp",
+    description="LoRA SwiGLU MLP (M tokens, hidden H, intermediate I, rank r per projection); grads x, A, B",
+    providers=(
+        Provider("peft", "reference"),
+        Provider("matmuls", "floor"),
+        Provider("fastlora", "fastlora"),
+    ),
+    modes=("forward", "full"),
+    shapes=Shapes(gpu=((8192, 4096, 14336, 16, 0), (8192, 4096, 14336, 16, 1), (2048, 4096, 14336, 16, 1)),
+                  cpu=((256, 512, 1408, 16, 0), (256, 512, 1408, 16, 1)), cpu_quick=((16, 64, 96, 8, 1),)),
+    make=_make,
+    label=lambda s: "M{} H{} I{} r{} {}".format(*s[:4], "nf4" if s[4] else "dense"),
+    reference="peft",
+    # The adapters' gradients sum over every token and reach 1e3 here: their fp32 rounding is about 1e-3, for
+    # PEFT and fastlora alike (both measured against fp64), above the default absolute floor of 1e-5.
+    tolerance={torch.float32: (1e-4, 5e-3)},
+)
