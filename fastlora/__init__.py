@@ -30,6 +30,7 @@ from .ops import (
     quantize_nf4,
     swiglu,
 )
+from .patching import PatchReport, patch, unpatch
 
 try:
     __version__ = importlib.metadata.version("fastlora")
@@ -42,6 +43,7 @@ __all__ = [
     "DeviceInfo",
     "LoRAProjection",
     "NF4Weight",
+    "PatchReport",
     "apply_rope",
     "cross_entropy",
     "dequantize_nf4",
@@ -50,9 +52,11 @@ __all__ = [
     "lora_linear",
     "lora_mlp",
     "lora_qkv",
+    "patch",
     "quantize_nf4",
     "resolve_backend",
     "swiglu",
+    "unpatch",
     "use_backend",
     "__version__",
 ]

@@ -1,0 +1,121 @@
+"""``fastlora.patch(model)``: put a transformers or PEFT causal LM on fastlora's fused paths, per instance and
+reversibly.
+
+What is patched today: PEFT LoRA linear layers (over ``nn.Linear`` and bitsandbytes ``Linear4bit``) take
+:func:`fastlora.lora_linear`. The RoPE, MLP and loss patches of the issue are not built yet: asking for them
+is reported (and logged once), not silently ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .._logging import log_once
+from ..dispatch import Backend
+from .families import family_of
+from .lora_layers import fast_class, lora_layer_classes
+from .peft_lora import UnsupportedLoRA, lora_args
+from .report import PatchReport
+
+_ATTR = "_fastlora_patch"
+_LOSSES = ("fused_linear", "logits", None)
+
+
+def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PeftModel, or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: bool = True,
+          loss: str | None = "fused_linear", backend: Backend | str = "auto") -> PatchReport:
+    """Patch a transformers causal LM, a PeftModel around one, or a 4-bit one, in place; returns the report.
+
+    Patching twice changes nothing and returns the first report; ``report.undo()`` or
+    :func:`fastlora.unpatch` restores the exact original behaviour. Other models in the process are untouched.
+
+    Args:
+        model: a ``*ForCausalLM`` of a supported family (see :data:`fastlora.patching.families.FAMILIES`), or a
+            ``PeftModel`` wrapping one.
+        lora: put PEFT's LoRA linear layers on :func:`fastlora.lora_linear` (layers it cannot serve, such as DoRA,
+            keep PEFT's forward and are listed with the reason).
+        rope, mlp, loss: the other patches; not built yet, reported as such.
+        backend: force one backend for the patched ops (``"auto"``: the dispatcher decides).
+
+    Raises:
+        ValueError: an unsupported model type (nothing is changed) or a bad option.
+
+    Example:
+        >>> model = get_peft_model(LlamaForCausalLM(config), LoraConfig(target_modules="all-linear"))
+        >>> report = fastlora.patch(model)
+        >>> print(report)
+        >>> fastlora.unpatch(model)
+    """
+    hf = _hf_model(model)
+    family = family_of(hf)  # raises before anything changes
+    if loss not in _LOSSES:
+        raise ValueError(f"fastlora.patch: loss must be one of {_LOSSES}, got {loss!r}")
+    forced = None if Backend.parse(backend, what="fastlora.patch") is Backend.AUTO else backend
+    existing = getattr(hf, _ATTR, None)
+    if existing is not None and not existing.undone:
+        return existing
+    report = PatchReport(family.model_type)
+    if lora:
+        _patch_lora_layers(hf, report, forced)
+    for name, wanted in (("rope", rope), ("mlp", mlp), ("loss", loss not in (None, "logits"))):
+        if wanted:
+            report.skip(name, "not built yet: transformers' own code runs")
+            log_once(logging.INFO, ("patch", name),
+                     "fastlora.patch: the %s patch is not built yet; transformers' own %s runs", name, name)
+    setattr(hf, _ATTR, report)
+    report._undo.insert(0, lambda: hf.__dict__.pop(_ATTR, None))
+    return report
+
+
+def unpatch(model: torch.nn.Module) -> bool:
+    """Undo :func:`patch` on this model; returns whether there was anything to undo.
+
+    Example:
+        >>> fastlora.unpatch(model)
+        True
+    """
+    report = getattr(_hf_model(model), _ATTR, None)
+    if report is None or report.undone:
+        return False
+    report.undo()
+    return True
+
+
+def _patch_lora_layers(hf: torch.nn.Module, report: PatchReport, backend: Backend | str | None) -> None:
+    try:
+        classes = lora_layer_classes()
+    except ImportError:
+        report.skip("lora", "peft is not installed")
+        return
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in hf.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        cls = type(module)
+        if cls not in classes:
+            report.skip(name, f"{cls.__name__}: not a plain LoRA linear layer")
+            continue
+        try:
+            lora_args(module)
+        except UnsupportedLoRA as e:
+            report.skip(name, str(e))
+            continue
+        module.__class__ = fast_class(cls)
+        module._fastlora_backend = backend
+        report.add(name, f"{cls.__name__} -> fastlora.lora_linear", _restore(module, cls))
+
+
+def _restore(module: torch.nn.Module, cls: type):
+    def undo() -> None:
+        module.__class__ = cls
+        module.__dict__.pop("_fastlora_backend", None)
+
+    return undo

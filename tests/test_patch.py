@@ -1,0 +1,206 @@
+"""fastlora.patch on tiny random-init models: patched vs unpatched, undo, idempotence, per-instance, reasons."""
+
+import copy
+
+import pytest
+import torch
+
+import fastlora
+from fastlora.patching import FAMILIES
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 101  # odd on purpose
+
+
+def _llama(seed=0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, **overrides)
+    return LlamaForCausalLM(config).float()
+
+
+def _peft(model, *, dropout=0.0, use_dora=False, targets="all-linear"):
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets, use_dora=use_dora)
+    wrapped = peft.get_peft_model(model, config)
+    for name, p in wrapped.named_parameters():  # non-zero B, so the adapters matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return wrapped
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    return ids, labels
+
+
+def _step(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _same(a, b, rtol=1e-5, atol=1e-5):
+    logits_a, loss_a, grads_a = a
+    logits_b, loss_b, grads_b = b
+    torch.testing.assert_close(logits_a, logits_b, rtol=rtol, atol=atol)
+    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=atol)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol * 10, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
+def test_peft_llama_patched_equals_unpatched(checkpointing):
+    model = _peft(_llama())
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()
+        assert model.get_base_model().model.layers[0].gradient_checkpointing
+    model.train()
+    ids, labels = _batch()
+    before = _step(model, ids, labels)
+    report = fastlora.patch(model)
+    assert len(report.patched) == 2 * 7  # q, k, v, o, gate, up, down in two layers
+    patched = _step(model, ids, labels)
+    _same(patched, before)
+    report.undo()
+    after = _step(model, ids, labels)
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)  # bit-identical again
+
+
+def test_patched_layers_really_take_the_fused_path(monkeypatch):
+    import fastlora.patching.lora_layers as layers
+
+    calls = []
+    real = layers.lora_linear
+    monkeypatch.setattr(layers, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _peft(_llama())
+    fastlora.patch(model)
+    model(input_ids=_batch()[0])
+    assert len(calls) == 14
+
+
+def test_patching_twice_changes_nothing_and_unpatch():
+    model = _peft(_llama())
+    first = fastlora.patch(model)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    assert fastlora.patch(model) is first
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert fastlora.unpatch(model) and not fastlora.unpatch(model)
+    assert all("FastLoRA" not in type(m).__name__ for m in model.modules())
+    assert fastlora.patch(model) is not first  # patchable again after undo
+
+
+def test_other_instances_are_untouched():
+    a, b = _peft(_llama()), _peft(_llama())
+    fastlora.patch(a)
+    assert any("FastLoRA" in type(m).__name__ for m in a.modules())
+    assert all("FastLoRA" not in type(m).__name__ for m in b.modules())
+
+
+def test_dropout_adapter_switching_and_merge():
+    model = _peft(_llama(), dropout=0.1)
+    reference = copy.deepcopy(model)
+    fastlora.patch(model)
+    ids, labels = _batch()
+    model.train()
+    reference.train()
+    torch.manual_seed(3)
+    got = _step(model, ids, labels)
+    torch.manual_seed(3)
+    want = _step(reference, ids, labels)
+    _same(got, want)  # the same dropout masks from the same RNG state
+    model.eval()
+    reference.eval()
+    with model.disable_adapter(), reference.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_layers_are_left_alone_with_the_reason():
+    model = _peft(_llama(), use_dora=True, targets=["q_proj", "v_proj"])
+    report = fastlora.patch(model)
+    assert not report.patched
+    reasons = dict(report.skipped)
+    assert reasons["model.layers.0.self_attn.q_proj"] == "DoRA adapter 'default'"
+    assert "DoRA adapter" in str(report)
+
+
+def test_plain_model_and_reported_unbuilt_patches():
+    model = _llama()
+    report = fastlora.patch(model)
+    assert not report.patched
+    assert {name for name, _ in report.skipped} == {"rope", "mlp", "loss"}
+
+
+def test_unsupported_model_type_changes_nothing():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = _peft(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB)),
+                  targets=["c_attn"])
+    classes = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="model type 'gpt2' is not supported \\(supported: gemma, gemma2"):
+        fastlora.patch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+
+
+def test_family_table_matches_transformers():
+    import importlib
+
+    for family in FAMILIES.values():
+        module = importlib.import_module(family.modeling)
+        assert callable(module.apply_rotary_pos_emb), family.model_type
+
+
+def _four_bit(model):
+    """The decoder's linear layers replaced by bitsandbytes NF4 Linear4bit (as from_pretrained would load them)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.float32, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+                    q = q.to("cpu")
+                    setattr(parent, name, q)
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def test_peft_over_bitsandbytes_patched_equals_unpatched():
+    model = _peft(_four_bit(_llama()))
+    lora_layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A")]
+    assert len(lora_layers) == 14
+    ids, labels = _batch()
+    model.train()
+    before = _step(model, ids, labels)
+    report = fastlora.patch(model)
+    assert len(report.patched) == 14 and all("Linear4bit" in what for _, what in report.patched)
+    _same(_step(model, ids, labels), before)
+    report.undo()
+    torch.testing.assert_close(_step(model, ids, labels)[0], before[0], rtol=0, atol=0)
+
+
+def test_generation_and_saving_adapters(tmp_path):
+    model = _peft(_llama())
+    model.eval()
+    ids = _batch()[0][:, :4]
+    keys = set(model.state_dict())
+    want = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    fastlora.patch(model)
+    got = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)  # greedy, with the KV cache
+    assert set(model.state_dict()) == keys
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(_llama(), tmp_path)
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
