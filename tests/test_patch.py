@@ -44,21 +44,23 @@ def _step(model, ids, labels):
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.loss.detach(), grads
+    return None if out.logits is None else out.logits.detach(), out.loss.detach(), grads
 
 
 def _same(a, b, rtol=1e-5, atol=1e-5):
     logits_a, loss_a, grads_a = a
     logits_b, loss_b, grads_b = b
-    torch.testing.assert_close(logits_a, logits_b, rtol=rtol, atol=atol)
+    if logits_a is not None and logits_b is not None:
+        torch.testing.assert_close(logits_a, logits_b, rtol=rtol, atol=atol)
     torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=atol)
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol * 10, msg=name)
 
 
+@pytest.mark.parametrize("loss", ["fused_linear", "logits", None])
 @pytest.mark.parametrize("checkpointing", [None, "reentrant", "non-reentrant"])
-def test_peft_llama_patched_equals_unpatched(checkpointing):
+def test_peft_llama_patched_equals_unpatched(checkpointing, loss):
     model = _peft(_llama())
     if checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
@@ -67,13 +69,31 @@ def test_peft_llama_patched_equals_unpatched(checkpointing):
     model.train()
     ids, labels = _batch()
     before = _step(model, ids, labels)
-    report = fastlora.patch(model)
-    assert len(report.patched) == 2 * 7  # q, k, v, o, gate, up, down in two layers
+    report = fastlora.patch(model, loss=loss)
+    assert len(report.patched) == 2 * 7 + {"fused_linear": 2, "logits": 1, None: 0}[loss]
     patched = _step(model, ids, labels)
+    assert (patched[0] is None) == (loss == "fused_linear")  # no logits made when the loss is fused
     _same(patched, before)
+    model.eval()
+    eval_logits = model(input_ids=ids).logits
+    model.train()
     report.undo()
     after = _step(model, ids, labels)
     torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)  # bit-identical again
+    model.eval()
+    torch.testing.assert_close(eval_logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_num_items_in_batch_reaches_the_loss():
+    """The trainer's gradient-accumulation divisor: summed loss / num_items, on both loss patches."""
+    for loss in ("fused_linear", "logits"):
+        model = _peft(_llama())
+        model.train()
+        ids, labels = _batch()
+        want = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5)).loss
+        fastlora.patch(model, loss=loss)
+        got = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5)).loss
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_patched_layers_really_take_the_fused_path(monkeypatch):
@@ -129,7 +149,7 @@ def test_dropout_adapter_switching_and_merge():
 def test_dora_layers_are_left_alone_with_the_reason():
     model = _peft(_llama(), use_dora=True, targets=["q_proj", "v_proj"])
     report = fastlora.patch(model)
-    assert not report.patched
+    assert not any("lora_linear" in what for _, what in report.patched)
     reasons = dict(report.skipped)
     assert reasons["model.layers.0.self_attn.q_proj"] == "DoRA adapter 'default'"
     assert "DoRA adapter" in str(report)
@@ -138,8 +158,8 @@ def test_dora_layers_are_left_alone_with_the_reason():
 def test_plain_model_and_reported_unbuilt_patches():
     model = _llama()
     report = fastlora.patch(model)
-    assert not report.patched
-    assert {name for name, _ in report.skipped} == {"rope", "mlp", "loss"}
+    assert {name for name, _ in report.skipped} == {"rope", "mlp"}
+    assert [name for name, _ in report.patched] == ["loss_function", "LlamaForCausalLM"]
 
 
 def test_unsupported_model_type_changes_nothing():
@@ -185,7 +205,7 @@ def test_peft_over_bitsandbytes_patched_equals_unpatched():
     model.train()
     before = _step(model, ids, labels)
     report = fastlora.patch(model)
-    assert len(report.patched) == 14 and all("Linear4bit" in what for _, what in report.patched)
+    assert sum("Linear4bit" in what for _, what in report.patched) == 14
     _same(_step(model, ids, labels), before)
     report.undo()
     torch.testing.assert_close(_step(model, ids, labels)[0], before[0], rtol=0, atol=0)
@@ -204,3 +224,31 @@ def test_generation_and_saving_adapters(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = peft.PeftModel.from_pretrained(_llama(), tmp_path)
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _tiny(model_type):
+    import transformers
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    if model_type != "phi3":
+        common["head_dim"] = 16
+    else:
+        common["pad_token_id"] = 0
+    if model_type in ("gemma2", "gemma3_text"):
+        common["final_logit_softcapping"] = 0.5  # small: random logits reach it, so a missing cap would show
+    config = transformers.AutoConfig.for_model(model_type, **common)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).float()
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_family_plain_model_fused_loss(model_type):
+    """Full fine-tuning of a plain model (trainable lm_head, tied or not): loss and every gradient agree."""
+    model = _tiny(model_type)
+    model.train()
+    ids, labels = _batch()
+    before = _step(model, ids, labels)
+    report = fastlora.patch(model)
+    assert any(what.startswith("training with labels") for _, what in report.patched), str(report)
+    _same(_step(model, ids, labels), before, atol=2e-5)

@@ -2,8 +2,8 @@
 reversibly.
 
 What is patched today: PEFT LoRA linear layers (over ``nn.Linear`` and bitsandbytes ``Linear4bit``) take
-:func:`fastlora.lora_linear`. The RoPE, MLP and loss patches of the issue are not built yet: asking for them
-is reported (and logged once), not silently ignored.
+:func:`fastlora.lora_linear`, and the loss (see :mod:`fastlora.patching.loss`). The RoPE and MLP patches are not
+built yet: asking for them is reported (and logged once), not silently ignored.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 
 from .._logging import log_once
 from ..dispatch import Backend
-from .families import family_of
+from .families import Family, family_of
 from .lora_layers import fast_class, lora_layer_classes
+from .loss import causal_lm_loss, fused_class
 from .peft_lora import UnsupportedLoRA, lora_args
 from .report import PatchReport
 
@@ -41,7 +42,9 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
             ``PeftModel`` wrapping one.
         lora: put PEFT's LoRA linear layers on :func:`fastlora.lora_linear` (layers it cannot serve, such as DoRA,
             keep PEFT's forward and are listed with the reason).
-        rope, mlp, loss: the other patches; not built yet, reported as such.
+        loss: ``"fused_linear"`` (training with labels never makes the logits; the output's ``logits`` is then
+            None), ``"logits"`` (fastlora's cross-entropy on the logits) or None (transformers' loss).
+        rope, mlp: not built yet, reported as such.
         backend: force one backend for the patched ops (``"auto"``: the dispatcher decides).
 
     Raises:
@@ -64,7 +67,9 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
     report = PatchReport(family.model_type)
     if lora:
         _patch_lora_layers(hf, report, forced)
-    for name, wanted in (("rope", rope), ("mlp", mlp), ("loss", loss not in (None, "logits"))):
+    if loss is not None:
+        _patch_loss(hf, family, loss, report)
+    for name, wanted in (("rope", rope), ("mlp", mlp)):
         if wanted:
             report.skip(name, "not built yet: transformers' own code runs")
             log_once(logging.INFO, ("patch", name),
@@ -111,6 +116,31 @@ def _patch_lora_layers(hf: torch.nn.Module, report: PatchReport, backend: Backen
         module.__class__ = fast_class(cls)
         module._fastlora_backend = backend
         report.add(name, f"{cls.__name__} -> fastlora.lora_linear", _restore(module, cls))
+
+
+def _patch_loss(hf: torch.nn.Module, family: Family, loss: str, report: PatchReport) -> None:
+    if not isinstance(getattr(hf, "lm_head", None), torch.nn.Module):
+        report.skip("loss", f"{type(hf).__name__} has no lm_head: not a causal LM")
+        return
+    had_own = "_loss_function" in hf.__dict__
+    previous = hf.__dict__.get("_loss_function")
+
+    def restore_loss() -> None:
+        if had_own:
+            hf._loss_function = previous
+        else:
+            hf.__dict__.pop("_loss_function", None)
+
+    hf.loss_function = causal_lm_loss
+    report.add("loss_function", "transformers' ForCausalLMLoss -> fastlora.cross_entropy", restore_loss)
+    if loss == "fused_linear":
+        if type(hf.lm_head) is not torch.nn.Linear:
+            report.skip("lm_head", f"{type(hf.lm_head).__name__}: the fused loss needs a plain nn.Linear head; "
+                                   "the logits loss runs")
+            return
+        cls = type(hf)
+        hf.__class__ = fused_class(cls, family)
+        report.add(cls.__name__, "training with labels: fused_linear_cross_entropy, no logits", _restore(hf, cls))
 
 
 def _restore(module: torch.nn.Module, cls: type):

@@ -1,0 +1,84 @@
+"""The loss patches of a causal LM, per instance.
+
+``loss="logits"``: the model's ``loss_function`` (an instance-level property in transformers 5) becomes
+fastlora's cross-entropy: the same value as transformers' ``ForCausalLMLoss`` (labels shifted, ignored labels,
+``num_items_in_batch``), without upcasting the whole logits tensor to fp32.
+
+``loss="fused_linear"``: the instance's class is swapped for a subclass whose forward, when the model trains
+with labels, runs the decoder and then :func:`fastlora.fused_linear_cross_entropy` on its last hidden state: the
+``[B, S, V]`` logits are never made, and the output's ``logits`` field is None. Everything else (no labels, eval
+mode, ``logits_to_keep``, ``return_dict=False``) goes to transformers' own forward, which then uses the
+``"logits"`` loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.cross_entropy import cross_entropy
+from ..ops.linear_cross_entropy import fused_linear_cross_entropy
+from .families import Family
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Labels of the next token (``[..., S]``, the last position ignored), as transformers shifts them."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                   num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = -100,
+                   shift_labels: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+    """transformers' ``ForCausalLMLoss`` on fastlora's cross-entropy (fp32 accumulation, no fp32 copy of the
+    logits): the ``loss_function`` that ``fastlora.patch`` installs.
+
+    Example:
+        >>> model.loss_function = causal_lm_loss
+    """
+    targets = shift_labels if shift_labels is not None else _shift(labels, ignore_index)
+    return cross_entropy(logits, targets.to(logits.device), ignore_index=ignore_index,
+                         num_items_in_batch=num_items_in_batch)
+
+
+_shift = shift_labels
+_FUSED: dict[type, type] = {}
+
+
+def fused_class(cls: type, family: Family) -> type:
+    """The subclass of a ``*ForCausalLM`` class whose training forward with labels never makes the logits."""
+    key = (cls, family)
+    if key not in _FUSED:
+        _FUSED[key] = type(f"FastLoRA{cls.__name__}", (cls,), {
+            "forward": _fused_forward(cls.forward, family), "_fastlora_original": cls, "__module__": __name__,
+            "__doc__": cls.__doc__})
+    return _FUSED[key]
+
+
+def _fused_forward(original: Callable[..., object], family: Family) -> Callable[..., object]:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,  # noqa: ANN001
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        plain = labels is None or not self.training or not torch.is_grad_enabled() or logits_to_keep != 0 \
+            or kwargs.get("return_dict") is False or type(self.lm_head) is not torch.nn.Linear
+        if plain:
+            return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        targets = kwargs.pop("shift_labels", None)
+        outputs = getattr(self, self.base_model_prefix)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        targets = _shift(labels) if targets is None else targets
+        softcap = getattr(self.config, family.final_logit_softcap, None) if family.final_logit_softcap else None
+        # In the head's dtype, as F.linear would need it (an fp32 head after prepare_model_for_kbit_training).
+        hidden = outputs.last_hidden_state.to(self.lm_head.weight.dtype)
+        loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, targets.to(hidden.device),
+                                          bias=self.lm_head.bias, softcap=softcap,
+                                          num_items_in_batch=kwargs.get("num_items_in_batch"))
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    return forward
