@@ -252,3 +252,40 @@ def test_every_family_plain_model_fused_loss(model_type):
     report = fastlora.patch(model)
     assert any(what.startswith("training with labels") for _, what in report.patched), str(report)
     _same(_step(model, ids, labels), before, atol=2e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_family_rope_patch(model_type, monkeypatch):
+    """With a backend forced (on a CPU, AUTO leaves RoPE alone), each family's attention rotates with fastlora."""
+    import fastlora.patching.rope as rope_patch
+
+    calls = []
+    real = rope_patch.apply_rope
+    monkeypatch.setattr(rope_patch, "apply_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, other = _tiny(model_type), _tiny(model_type)
+    model.train()
+    ids, labels = _batch()
+    before = _step(model, ids, labels)
+    report = fastlora.patch(model, backend="torch", loss=None)
+    assert sum("apply_rope" in what for _, what in report.patched) == 1  # one layer
+    _same(_step(model, ids, labels), before, atol=2e-5)
+    assert len(calls) == 1
+    other(input_ids=ids)  # an unpatched model of the same family keeps transformers' function
+    assert len(calls) == 1
+    report.undo()
+    model(input_ids=ids)
+    assert len(calls) == 1
+
+
+def test_rope_patch_on_triton(triton_device):
+    model = _tiny("phi3")  # partial rotary
+    ids, labels = _batch()
+    model.train()
+    before = _step(model, ids, labels)
+    fastlora.patch(model, backend="triton", loss=None)
+    _same(_step(model, ids, labels), before, atol=2e-5)
+
+
+def test_rope_is_left_alone_on_cpu_by_default():
+    reasons = dict(fastlora.patch(_tiny("llama")).skipped)
+    assert "slower than transformers' own function" in reasons["rope"]

@@ -2,8 +2,9 @@
 reversibly.
 
 What is patched today: PEFT LoRA linear layers (over ``nn.Linear`` and bitsandbytes ``Linear4bit``) take
-:func:`fastlora.lora_linear`, and the loss (see :mod:`fastlora.patching.loss`). The RoPE and MLP patches are not
-built yet: asking for them is reported (and logged once), not silently ignored.
+:func:`fastlora.lora_linear`, the loss (see :mod:`fastlora.patching.loss`) and RoPE (see
+:mod:`fastlora.patching.rope`). The MLP patch is not built yet: asking for it is reported (and logged once), not
+silently ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .lora_layers import fast_class, lora_layer_classes
 from .loss import causal_lm_loss, fused_class
 from .peft_lora import UnsupportedLoRA, lora_args
 from .report import PatchReport
+from .rope import fast_attention_class, install_trampoline, rope_worth_it
 
 _ATTR = "_fastlora_patch"
 _LOSSES = ("fused_linear", "logits", None)
@@ -44,7 +46,9 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
             keep PEFT's forward and are listed with the reason).
         loss: ``"fused_linear"`` (training with labels never makes the logits; the output's ``logits`` is then
             None), ``"logits"`` (fastlora's cross-entropy on the logits) or None (transformers' loss).
-        rope, mlp: not built yet, reported as such.
+        rope: rotate q and k with :func:`fastlora.apply_rope` (left alone on a CPU unless a backend is forced:
+            there only the reference would run, slower than transformers' function).
+        mlp: not built yet, reported as such.
         backend: force one backend for the patched ops (``"auto"``: the dispatcher decides).
 
     Raises:
@@ -69,7 +73,9 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
         _patch_lora_layers(hf, report, forced)
     if loss is not None:
         _patch_loss(hf, family, loss, report)
-    for name, wanted in (("rope", rope), ("mlp", mlp)):
+    if rope:
+        _patch_rope(hf, family, report, forced)
+    for name, wanted in (("mlp", mlp),):
         if wanted:
             report.skip(name, "not built yet: transformers' own code runs")
             log_once(logging.INFO, ("patch", name),
@@ -143,9 +149,26 @@ def _patch_loss(hf: torch.nn.Module, family: Family, loss: str, report: PatchRep
         report.add(cls.__name__, "training with labels: fused_linear_cross_entropy, no logits", _restore(hf, cls))
 
 
+def _patch_rope(hf: torch.nn.Module, family: Family, report: PatchReport, backend: Backend | str | None) -> None:
+    param = next(hf.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    why_not = rope_worth_it(device, dtype if dtype.is_floating_point else torch.float32, backend)
+    if why_not:
+        report.skip("rope", why_not)
+        return
+    install_trampoline(family.modeling)
+    for name, module in hf.named_modules():
+        cls = type(module)
+        if cls.__module__ == family.modeling and cls.__name__.endswith("Attention"):
+            module.__class__ = fast_attention_class(cls)
+            module._fastlora_rope_backend = backend
+            report.add(name, f"{cls.__name__}: apply_rotary_pos_emb -> fastlora.apply_rope", _restore(module, cls))
+
+
 def _restore(module: torch.nn.Module, cls: type):
     def undo() -> None:
         module.__class__ = cls
         module.__dict__.pop("_fastlora_backend", None)
+        module.__dict__.pop("_fastlora_rope_backend", None)
 
     return undo

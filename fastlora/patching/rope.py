@@ -1,0 +1,81 @@
+"""The RoPE patch: transformers' ``apply_rotary_pos_emb`` replaced by :func:`fastlora.apply_rope`, per instance.
+
+transformers' attention looks ``apply_rotary_pos_emb`` up as a module global at call time, so a per-instance
+patch needs two parts: the global becomes, once per family module, a trampoline that calls the original
+unless a context variable says the calling model is patched; and each patched model's attention modules get a
+subclass (``__class__`` swapped) whose forward sets that variable. Unpatched models keep the original function;
+undo swaps the classes back (the trampoline stays, passing through).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from ..dispatch import Backend, use_backend
+from ..ops.rope import apply_rope
+
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("fastlora_rope", default=False)
+_FAST: dict[type, type] = {}
+
+
+def _trampoline(original: Callable[..., object]) -> Callable[..., object]:
+    names = list(inspect.signature(original).parameters)
+    # Older families take position_ids (unused) before unsqueeze_dim.
+    unsqueeze_at = names.index("unsqueeze_dim") - 4 if "unsqueeze_dim" in names else None
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if not _ACTIVE.get():
+            return original(q, k, cos, sin, *args, **kwargs)
+        unsqueeze_dim = kwargs.get("unsqueeze_dim", 1)
+        if unsqueeze_at is not None and len(args) > unsqueeze_at:
+            unsqueeze_dim = args[unsqueeze_at]
+        return apply_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    apply_rotary_pos_emb._fastlora_original = original
+    apply_rotary_pos_emb.__doc__ = original.__doc__
+    return apply_rotary_pos_emb
+
+
+def install_trampoline(modeling: str) -> None:
+    """Replace ``<modeling>.apply_rotary_pos_emb`` by the trampoline (once; it passes through when inactive)."""
+    module = importlib.import_module(modeling)
+    current = module.apply_rotary_pos_emb
+    if not hasattr(current, "_fastlora_original"):
+        module.apply_rotary_pos_emb = _trampoline(current)
+
+
+def _forward(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
+    token = _ACTIVE.set(True)
+    try:
+        backend = self._fastlora_rope_backend
+        with use_backend(rope=backend) if backend else contextlib.nullcontext():
+            return type(self)._fastlora_original.forward(self, *args, **kwargs)
+    finally:
+        _ACTIVE.reset(token)
+
+
+def fast_attention_class(cls: type) -> type:
+    """The subclass of an attention class whose forward rotates q and k with fastlora."""
+    if cls not in _FAST:
+        _FAST[cls] = type(f"FastLoRA{cls.__name__}", (cls,), {
+            "forward": _forward, "_fastlora_original": cls, "__module__": __name__, "__doc__": cls.__doc__})
+    return _FAST[cls]
+
+
+def rope_worth_it(device: torch.device, dtype: torch.dtype, backend: Backend | str | None) -> str | None:
+    """Why not to patch RoPE here (None: patch it). Unforced on a CPU, the reference would replace
+    transformers' function, and it is slower there (0.64-0.84x in the CPU benchmark)."""
+    if backend is not None:
+        return None
+    from ..dispatch import resolve_backend
+
+    chosen, _ = resolve_backend("rope", device, dtype)
+    if chosen is Backend.TORCH:
+        return f"on {device.type} only the PyTorch reference would run, slower than transformers' own function"
+    return None
