@@ -155,10 +155,9 @@ def test_dora_layers_are_left_alone_with_the_reason():
     assert "DoRA adapter" in str(report)
 
 
-def test_plain_model_and_reported_unbuilt_patches():
-    model = _llama()
-    report = fastlora.patch(model)
-    assert {name for name, _ in report.skipped} == {"rope", "mlp"}
+def test_plain_model_on_cpu_reports_what_it_leaves_alone():
+    report = fastlora.patch(_llama())
+    assert {name for name, _ in report.skipped} == {"rope", "mlp"}  # slower on a CPU, both measured
     assert [name for name, _ in report.patched] == ["loss_function", "LlamaForCausalLM"]
 
 
@@ -289,3 +288,36 @@ def test_rope_patch_on_triton(triton_device):
 def test_rope_is_left_alone_on_cpu_by_default():
     reasons = dict(fastlora.patch(_tiny("llama")).skipped)
     assert "slower than transformers' own function" in reasons["rope"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gemma"])  # gate+up silu, fused gate_up, gelu_tanh
+def test_mlp_patch_equals_peft(model_type):
+    model = _peft(_tiny(model_type), dropout=0.1)
+    reference = copy.deepcopy(model)
+    report = fastlora.patch(model, backend="torch", rope=False, loss=None)
+    assert sum("lora_mlp" in what for _, what in report.patched) == 1, str(report)
+    model.train()
+    reference.train()
+    ids, labels = _batch()
+    torch.manual_seed(4)
+    got = _step(model, ids, labels)
+    torch.manual_seed(4)
+    want = _step(reference, ids, labels)
+    _same(got, want, atol=2e-5)
+
+
+def test_mlp_patch_falls_back_when_adapters_change(monkeypatch):
+    import fastlora.patching.mlp as mlp_patch
+
+    calls = []
+    real = mlp_patch.lora_mlp
+    monkeypatch.setattr(mlp_patch, "lora_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _peft(_tiny("llama"))
+    fastlora.patch(model, backend="torch")
+    ids = _batch()[0]
+    model(input_ids=ids)
+    assert len(calls) == 1
+    model.add_adapter("second", peft.LoraConfig(r=4, target_modules="all-linear"))
+    model.base_model.set_adapter(["default", "second"])  # two active adapters: the layers one by one
+    model(input_ids=ids)
+    assert len(calls) == 1

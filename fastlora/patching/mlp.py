@@ -1,0 +1,65 @@
+"""The MLP patch: a family's gated MLP on :func:`fastlora.lora_mlp` when its projections are plain LoRA layers.
+
+Per instance, by swapping the MLP module's class; the subclass's forward checks on every call that gate/up and
+down are still each one plain adapter (PEFT state can change) and otherwise runs the original forward, which
+then goes through the patched (or PEFT's) LoRA layers one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..dispatch import use_backend
+from ..ops.lora_mlp import LoRAProjection, lora_mlp
+from .families import Family
+from .peft_lora import UnsupportedLoRA, lora_args
+
+_FAST: dict[tuple[type, Family, str], type] = {}
+#: transformers' activation names -> lora_mlp's.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "gelu": "gelu"}
+
+
+def projection(layer: torch.nn.Module) -> tuple[LoRAProjection, torch.dtype | None]:
+    """One plain-LoRA projection for :func:`lora_mlp`, and its compute dtype; UnsupportedLoRA otherwise."""
+    if not hasattr(layer, "lora_A"):
+        raise UnsupportedLoRA(f"{type(layer).__name__} has no LoRA adapter")
+    a = lora_args(layer)
+    if len(a.A) != 1:
+        raise UnsupportedLoRA(f"{len(a.A)} active adapters (the fused MLP takes one per projection)")
+    if a.lora_bias[0] is not None:
+        raise UnsupportedLoRA("lora_bias on an MLP projection")
+    return LoRAProjection(a.base, a.A[0], a.B[0], a.scaling[0], a.bias, a.dropout_p[0]), a.compute_dtype
+
+
+def projections(mlp: torch.nn.Module, family: Family) -> tuple[list[LoRAProjection], LoRAProjection,
+                                                                torch.dtype | None]:
+    """(gate_up, down, compute dtype) of a family's MLP module, or UnsupportedLoRA with the reason."""
+    gate_up = [projection(getattr(mlp, name)) for name in family.gate_up]
+    down, _ = projection(getattr(mlp, family.down))
+    return [p for p, _ in gate_up], down, gate_up[0][1]
+
+
+def _forward(self: torch.nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    cls = type(self)
+    if args or kwargs:
+        return cls._fastlora_original.forward(self, x, *args, **kwargs)
+    try:
+        gate_up, down, compute_dtype = projections(self, cls._fastlora_family)
+    except UnsupportedLoRA:
+        return cls._fastlora_original.forward(self, x)
+    backend = self._fastlora_backend
+    with use_backend(backend) if backend else contextlib.nullcontext():
+        return lora_mlp(x, gate_up, down, activation=cls._fastlora_activation, compute_dtype=compute_dtype)
+
+
+def fast_mlp_class(cls: type, family: Family, activation: str) -> type:
+    """The subclass of a family's MLP class whose forward is :func:`lora_mlp`."""
+    key = (cls, family, activation)
+    if key not in _FAST:
+        _FAST[key] = type(f"FastLoRA{cls.__name__}", (cls,), {
+            "forward": _forward, "_fastlora_original": cls, "_fastlora_family": family,
+            "_fastlora_activation": activation, "__module__": __name__, "__doc__": cls.__doc__})
+    return _FAST[key]
