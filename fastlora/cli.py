@@ -1,4 +1,5 @@
-"""The `fastlora` command: `fastlora env` (setup report) and `fastlora bench` (kernel benchmarks)."""
+"""The `fastlora` command: `fastlora demo` (train unpatched vs patched), `fastlora env` (setup report) and
+`fastlora bench` (kernel benchmarks)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     env.add_argument("--json", action="store_true", help="print the report as JSON")
     env.add_argument("--device", default=None, help="device to report on (default: CUDA if present, else CPU)")
 
+    demo = sub.add_parser("demo", help="train a small LoRA model unpatched, then patched, and compare")
+    demo.add_argument("--steps", type=int, default=20, help="training steps per run (default 20)")
+    demo.add_argument("--size", default=None, help="tiny (CPU default), small, or 8b (GPU default; random weights)")
+    demo.add_argument("--model", default=None, help="a local transformers model directory to fine-tune instead")
+    demo.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 4; 2 on a GPU)")
+    demo.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64; 2048 on a GPU)")
+    demo.add_argument("--no-4bit", action="store_true", help="keep the base weights dense")
+    demo.add_argument("--device", default=None, help="device (default: CUDA if present, else CPU)")
+
     bench = sub.add_parser("bench", help="benchmark the kernels against torch, torch.compile and peers")
     argv = sys.argv[1:] if argv is None else argv
     # The harness is imported only for `bench`, so that `env` keeps working when it cannot be.
@@ -37,7 +47,29 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "env":
         return _env(args)
+    if args.command == "demo":
+        return _demo(args)
     return bench_cli.run(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .demo import format_result, run_demo
+
+    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    with tqdm(total=2 * args.steps, desc="demo", unit="step", file=sys.stderr) as bar:
+        def progress(text: str) -> None:
+            bar.set_postfix_str(text)
+            bar.update(1)
+
+        result = run_demo(steps=args.steps, size=args.size or ("8b" if gpu else "tiny"), model_path=args.model,
+                          device=args.device, batch_size=args.batch_size or (2 if gpu else 4),
+                          seq_len=args.seq_len or (2048 if gpu else 64), four_bit=not args.no_4bit,
+                          progress=progress)
+    print(format_result(result))
+    return 0
 
 
 def _env(args: argparse.Namespace) -> int:

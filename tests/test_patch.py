@@ -321,3 +321,21 @@ def test_mlp_patch_falls_back_when_adapters_change(monkeypatch):
     model.base_model.set_adapter(["default", "second"])  # two active adapters: the layers one by one
     model(input_ids=ids)
     assert len(calls) == 1
+
+
+def test_four_bit_merge_unmerge_installs_new_weights_that_the_patch_reads():
+    """PEFT's 4-bit merge/unmerge replaces each Params4bit: the patched layers must follow, not a cached view."""
+    model = _peft(_four_bit(_llama()))
+    reference = copy.deepcopy(model)
+    fastlora.patch(model)
+    ids = _batch()[0]
+    model.eval()
+    reference.eval()
+    model(input_ids=ids)  # fills the view cache with the current weights
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    old_weight = q_proj.base_layer.weight
+    for m in (model, reference):
+        m.base_model.merge_adapter()
+        m.base_model.unmerge_adapter()  # requantized: new Params4bit objects
+    assert q_proj.base_layer.weight is not old_weight
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ every call: PEFT may change scalings, active adapters or (on merge/unmerge of a 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +80,29 @@ def lora_args(layer: torch.nn.Module) -> LoRAArgs:
 def _base_weight(base_layer: torch.nn.Module) -> tuple[torch.Tensor | NF4Weight, torch.dtype | None]:
     weight = getattr(base_layer, "weight", None)
     if getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit":
-        try:
-            return NF4Weight.from_bnb(base_layer), getattr(base_layer, "compute_dtype", None)
-        except (TypeError, ValueError) as e:
-            raise UnsupportedLoRA(str(e)) from None
+        return _nf4_view(base_layer, weight), getattr(base_layer, "compute_dtype", None)
     if type(base_layer) is not torch.nn.Linear:
         raise UnsupportedLoRA(f"base layer is a {type(base_layer).__name__}, not nn.Linear or bitsandbytes Linear4bit")
     return weight, None
+
+
+# NF4Weight.from_bnb costs ~0.1 ms (attribute checks, views): too much on every projection of every step. The
+# view is kept per Params4bit object and reused only while the object, its storage and its quant state are the
+# ones it was made from (PEFT's 4-bit merge/unmerge installs a new Params4bit; .to() moves the storage).
+_NF4_VIEWS: dict[int, tuple[weakref.ref, tuple, NF4Weight]] = {}  # by id(Params4bit); tensors compare elementwise
+
+
+def _nf4_view(base_layer: torch.nn.Module, weight: torch.Tensor) -> NF4Weight:
+    state = weight.quant_state
+    key = (weight.data_ptr(), id(state), state.absmax.data_ptr() if state is not None else None)
+    cached = _NF4_VIEWS.get(id(weight))
+    if cached is not None and cached[0]() is weight and cached[1] == key:
+        return cached[2]
+    try:
+        view = NF4Weight.from_bnb(base_layer)
+    except (TypeError, ValueError) as e:
+        raise UnsupportedLoRA(str(e)) from None
+    if cached is None or cached[0]() is not weight:
+        weakref.finalize(weight, _NF4_VIEWS.pop, id(weight), None)
+    _NF4_VIEWS[id(weight)] = (weakref.ref(weight), key, view)
+    return view

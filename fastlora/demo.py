@@ -1,0 +1,193 @@
+"""``fastlora demo``: train the same LoRA model twice, unpatched then patched, and show both side by side.
+
+The model is built here (Llama architecture, random weights: nothing is downloaded) or loaded with ``--model
+PATH``; with bitsandbytes installed its decoder weights are NF4 (QLoRA), else dense. The text is a small corpus
+shipped with the package, tokenized as bytes (or by the loaded model's tokenizer). Both runs start from the same
+weights and see the same batches; the table shows their loss curves, tokens per second and the peak memory of
+one training step.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ._logging import logger
+
+#: Model shapes: ``tiny`` trains in seconds on a CPU; ``8b`` is Llama-3.1-8B's shape, for a GPU.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=259),
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=259),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+}
+
+
+@dataclass
+class RunResult:
+    """One training run: the loss of every step, tokens per second (after the first step) and peak memory."""
+
+    name: str
+    losses: list[float] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    peak_bytes: int = 0
+
+
+@dataclass
+class DemoResult:
+    """Both runs and what they trained."""
+
+    description: str
+    runs: list[RunResult]
+    patch_report: str
+
+
+def corpus_bytes() -> bytes:
+    """The text the demo trains on (shipped in ``fastlora/data``)."""
+    return importlib.resources.files("fastlora").joinpath("data/corpus.txt").read_bytes()
+
+
+def _four_bit(model: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
+    """Replace the decoder's linear layers by bitsandbytes NF4 layers in place; False without bitsandbytes."""
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # missing, or broken on this machine
+        logger.info("demo: bitsandbytes unavailable (%s): training a dense base", type(e).__name__)
+        return False
+    device = next(model.parameters()).device
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4", device="cpu")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.float32), requires_grad=False,
+                                                 quant_type="nf4")
+                    setattr(parent, name, q.to(device))
+    model.is_loaded_in_4bit = True
+    return True
+
+
+def build_model(size: str, device: torch.device, dtype: torch.dtype, *, four_bit: bool, seed: int,
+                model_path: str | None = None) -> tuple[torch.nn.Module, Callable[[bytes], list[int]], str]:
+    """(PEFT LoRA model, tokenizer function, description)."""
+    import peft
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if model_path:
+        from transformers import AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenize = lambda text: tokenizer(text.decode("utf-8"))["input_ids"]  # noqa: E731
+        what = model_path
+    else:
+        config = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=False)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(dtype)
+        tokenize = list  # bytes as tokens (ids 0..255)
+        what = f"Llama-architecture '{size}' model, random weights"
+    quantized = four_bit and _four_bit(model, dtype)
+    lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    model = peft.get_peft_model(model, lora)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # start away from zero so the patched and unpatched paths both matter
+            torch.nn.init.normal_(p, std=0.02)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, tokenize, f"{what}, {'NF4 (QLoRA)' if quantized else 'dense'} base, LoRA r=16 ({n:,} trainable)"
+
+
+def _batches(ids: torch.Tensor, steps: int, batch: int, seq: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, max(1, len(ids) - seq), (steps, batch), generator=g)
+    return [torch.stack([ids[s:s + seq] for s in row]) for row in starts]
+
+
+def _train(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, name: str,
+           progress: Callable[[str], None] | None) -> RunResult:
+    from .benchmarks.timing import peak_memory
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-3)
+    model.train()
+    result = RunResult(name)
+
+    def step(ids: torch.Tensor) -> float:
+        ids = ids.to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    start, tokens = None, 0
+    for i, ids in enumerate(batches):
+        if i == 1:  # the first step warms up (lazy builds, caches): timing starts after it
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        result.losses.append(step(ids))
+        if i >= 1:
+            tokens += ids.numel()
+        if progress:
+            progress(f"{name} step {i + 1}/{len(batches)} loss {result.losses[-1]:.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if start is not None:
+        result.tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
+    # One more step, measured for memory alone (the CPU measurement slows it down).
+    result.peak_bytes = peak_memory(lambda: step(batches[-1]), device)
+    return result
+
+
+def run_demo(*, steps: int = 20, size: str = "tiny", model_path: str | None = None, device: str | None = None,
+             batch_size: int = 4, seq_len: int = 64, four_bit: bool = True, seed: int = 0,
+             progress: Callable[[str], None] | None = None) -> DemoResult:
+    """Train unpatched, then patched from the same start on the same batches; returns both runs.
+
+    Example:
+        >>> result = run_demo(steps=10)
+        >>> [len(r.losses) for r in result.runs]
+        [10, 10]
+    """
+    import fastlora
+
+    if size not in SIZES:
+        raise ValueError(f"demo: size must be one of {', '.join(SIZES)}, got {size!r}")
+    if steps < 2:
+        raise ValueError(f"demo: steps must be at least 2 (the first one warms up), got {steps}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = fastlora.device_info(dev).compute_dtype
+    model, tokenize, description = build_model(size, dev, dtype, four_bit=four_bit, seed=seed,
+                                               model_path=model_path)
+    ids = torch.tensor(tokenize(corpus_bytes()), dtype=torch.long)
+    batches = _batches(ids, steps, batch_size, seq_len, seed)
+    patched_model = copy.deepcopy(model)
+    unpatched = _train(model, batches, dev, "unpatched", progress)
+    del model
+    report = fastlora.patch(patched_model)
+    patched = _train(patched_model, batches, dev, "fastlora", progress)
+    return DemoResult(f"{description}; {steps} steps of {batch_size} x {seq_len} tokens on {dev.type} in {dtype}",
+                      [unpatched, patched], str(report))
+
+
+def format_result(result: DemoResult, *, rows: int = 10) -> str:
+    """The side-by-side table."""
+    base, fast = result.runs
+    n = len(base.losses)
+    shown = sorted({round(i * (n - 1) / max(1, rows - 1)) for i in range(rows)})
+    lines = [result.description, "", f"{'step':>6}  {'unpatched loss':>14}  {'fastlora loss':>14}"]
+    lines += [f"{i + 1:>6}  {base.losses[i]:>14.4f}  {fast.losses[i]:>14.4f}" for i in shown]
+    speed = fast.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
+    lines += ["", f"{'tokens/s':>22}  {base.tokens_per_s:>14,.0f}  {fast.tokens_per_s:>14,.0f}  ({speed:.2f}x)",
+              f"{'peak MiB (one step)':>22}  {base.peak_bytes / 2**20:>14.1f}  {fast.peak_bytes / 2**20:>14.1f}",
+              "", result.patch_report]
+    return "\n".join(lines)

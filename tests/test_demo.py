@@ -1,0 +1,36 @@
+"""fastlora demo: the patched run follows the unpatched loss curve, and the command prints the comparison."""
+
+import pytest
+import torch
+
+from fastlora.demo import corpus_bytes, run_demo
+
+
+def test_thirty_steps_follow_the_unpatched_loss_curve():
+    pytest.importorskip("peft")
+    result = run_demo(steps=30, size="tiny", device="cpu", seq_len=32)
+    unpatched, patched = result.runs
+    assert len(unpatched.losses) == len(patched.losses) == 30
+    assert unpatched.losses[-1] < unpatched.losses[0] - 0.5  # it learns
+    torch.testing.assert_close(torch.tensor(patched.losses), torch.tensor(unpatched.losses), rtol=1e-4, atol=1e-4)
+    assert unpatched.tokens_per_s > 0 and patched.tokens_per_s > 0 and patched.peak_bytes > 0
+    assert "lora_linear" in result.patch_report
+
+
+def test_command_prints_the_table(capsys):
+    from fastlora.cli import main
+
+    assert main(["demo", "--steps", "3", "--seq-len", "16", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "unpatched loss" in out and "tokens/s" in out and "fastlora patch of a llama model" in out
+
+
+def test_corpus_ships_with_the_package():
+    assert len(corpus_bytes()) > 1000
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="size must be one of"):
+        run_demo(size="huge")
+    with pytest.raises(ValueError, match="steps must be at least 2"):
+        run_demo(steps=1)
