@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from ..dispatch import Backend, resolve_backend
-from ._library import define
+from ._library import call, define
 from ._workspace import workspace
 from .nf4 import dequantize_nf4
 from .nf4_matmul import SMALL_M, nf4_matmul
@@ -146,7 +146,8 @@ def _forward(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor
     """``(Y, XA)``: for a few rows over NF4, one kernel reads the packed weight and adds the LoRA term; else
     GEMMs over the dense (or once dequantized) weight."""
     if not _small_nf4(base, x):
-        return torch.ops.fastlora.lora_linear_fwd(x, _dense(base, x.dtype), bias, dropped, A, B, scaling, lora_bias)
+        return call("lora_linear_fwd", _lora_linear_fwd, x, _dense(base, x.dtype), bias, dropped, A, B, scaling,
+                    lora_bias)
     xa = _down(x, dropped, A)
     bias = None if bias is None else bias.to(x.dtype)
     y = nf4_matmul(x, base, e1=xa, e2=_scaled_b(B, scaling, x.dtype), bias=bias)
@@ -200,9 +201,9 @@ class LoRALinearFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         small = need_dx and _small_nf4(ctx.base, dy)
         weight = _dense(ctx.base, dy.dtype) if need_dx and not small else dy.new_empty((0, 0))
-        dx, d_a, d_b, d_lb = torch.ops.fastlora.lora_linear_bwd(
-            dy, weight, xa, x, dropped, list(masks), list(A), list(B), ctx.scaling, ctx.dropout_p,
-            ctx.has_lora_bias, need_dx and not small)
+        dx, d_a, d_b, d_lb = call("lora_linear_bwd", _lora_linear_bwd, dy, weight, xa, x, dropped, list(masks),
+                                  list(A), list(B), ctx.scaling, ctx.dropout_p, ctx.has_lora_bias,
+                                  need_dx and not small)
         if small:
             dx = _small_nf4_dx(dy, ctx.base, list(masks), list(A), list(B), ctx.scaling, ctx.dropout_p)
         needs = ctx.needs_input_grad[6:]
