@@ -3,8 +3,8 @@
 The model is built here (Llama architecture, random weights: nothing is downloaded) or loaded with ``--model
 PATH``; with bitsandbytes installed its decoder weights are NF4 (QLoRA), else dense. The text is a small corpus
 shipped with the package, tokenized as bytes (or by the loaded model's tokenizer). Both runs start from the same
-weights and see the same batches; the table shows their loss curves, tokens per second and the peak memory of
-one training step.
+weights and see the same batches, step by step in turn (so that the machine's drift affects both alike); the
+table shows their loss curves, tokens per second and the peak memory of one training step.
 """
 
 from __future__ import annotations
@@ -111,41 +111,49 @@ def _batches(ids: torch.Tensor, steps: int, batch: int, seq: int, seed: int) -> 
     return [torch.stack([ids[s:s + seq] for s in row]) for row in starts]
 
 
-def _train(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device, name: str,
-           progress: Callable[[str], None] | None) -> RunResult:
+class _Trainer:
+    """One model, its optimizer and its record."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, name: str):
+        self.model, self.device = model, device
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+        self.result, self.seconds, self.tokens = RunResult(name), 0.0, 0
+        model.train()
+
+    def step(self, ids: torch.Tensor, *, timed: bool = True) -> float:
+        ids = ids.to(self.device)
+        self._sync()
+        start = time.perf_counter()
+        loss = self.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float(loss)  # waits for the step on a GPU
+        if timed:
+            self.seconds += time.perf_counter() - start
+            self.tokens += ids.numel()
+        return value
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _train_side_by_side(trainers: list[_Trainer], batches: list[torch.Tensor],
+                        progress: Callable[[str], None] | None) -> None:
+    """Step the models in turn on the same batches, so that a machine getting slower or faster during the
+    demo affects both alike; the first step of each warms up and is not timed."""
     from .benchmarks.timing import peak_memory
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-3)
-    model.train()
-    result = RunResult(name)
-
-    def step(ids: torch.Tensor) -> float:
-        ids = ids.to(device)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss)
-
-    start, tokens = None, 0
     for i, ids in enumerate(batches):
-        if i == 1:  # the first step warms up (lazy builds, caches): timing starts after it
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-        result.losses.append(step(ids))
-        if i >= 1:
-            tokens += ids.numel()
-        if progress:
-            progress(f"{name} step {i + 1}/{len(batches)} loss {result.losses[-1]:.3f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    if start is not None:
-        result.tokens_per_s = tokens / max(time.perf_counter() - start, 1e-9)
-    # One more step, measured for memory alone (the CPU measurement slows it down).
-    result.peak_bytes = peak_memory(lambda: step(batches[-1]), device)
-    return result
+        for t in trainers:
+            t.result.losses.append(t.step(ids, timed=i > 0))
+            if progress:
+                progress(f"{t.result.name} step {i + 1}/{len(batches)} loss {t.result.losses[-1]:.3f}")
+    for t in trainers:
+        t.result.tokens_per_s = t.tokens / max(t.seconds, 1e-9)
+        # One more step, measured for memory alone (the CPU measurement slows it down).
+        t.result.peak_bytes = peak_memory(lambda t=t: t.step(batches[-1], timed=False), t.device)
 
 
 def run_demo(*, steps: int = 20, size: str = "tiny", model_path: str | None = None, device: str | None = None,
@@ -170,13 +178,13 @@ def run_demo(*, steps: int = 20, size: str = "tiny", model_path: str | None = No
                                                model_path=model_path)
     ids = torch.tensor(tokenize(corpus_bytes()), dtype=torch.long)
     batches = _batches(ids, steps, batch_size, seq_len, seed)
+    # Two models at once: on a GPU that fits the small sizes; for 8b, four bits and LoRA keep each near 6 GB.
     patched_model = copy.deepcopy(model)
-    unpatched = _train(model, batches, dev, "unpatched", progress)
-    del model
     report = fastlora.patch(patched_model)
-    patched = _train(patched_model, batches, dev, "fastlora", progress)
+    trainers = [_Trainer(model, dev, "unpatched"), _Trainer(patched_model, dev, "fastlora")]
+    _train_side_by_side(trainers, batches, progress)
     return DemoResult(f"{description}; {steps} steps of {batch_size} x {seq_len} tokens on {dev.type} in {dtype}",
-                      [unpatched, patched], str(report))
+                      [t.result for t in trainers], str(report))
 
 
 def format_result(result: DemoResult, *, rows: int = 10) -> str:
