@@ -80,13 +80,41 @@ def _lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y, xa
 
 
+def blocks(sizes: Sequence[int]) -> list[slice]:
+    """Consecutive slices of the given sizes: each adapter's columns in ``XA``, each projection's in a stacked
+    output or weight."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(slice(start, start + n))
+        start += n
+    return out
+
+
 def _slices(A: Sequence[torch.Tensor]) -> list[slice]:
     """Each adapter's columns in ``XA`` ``[M, R]``."""
-    out, start = [], 0
-    for a in A:
-        out.append(slice(start, start + a.shape[0]))
-        start += a.shape[0]
-    return out
+    return blocks([a.shape[0] for a in A])
+
+
+def dropout(t: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dropped t, mask)``, ``(t, None)`` for p = 0. Drawn in the adapter's ``dtype``, as PEFT casts before its
+    dropout: the same random mask for the same RNG state."""
+    if p == 0:
+        return t, None
+    out, mask = torch.native_dropout(t.to(dtype), p, True)
+    return out.to(t.dtype), mask
+
+
+def dropout_inputs(x: torch.Tensor, A: Sequence[torch.Tensor],
+                   dropout_p: Sequence[float]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Each adapter's input after its own dropout, and the masks."""
+    pairs = [dropout(x, p, a.dtype) for a, p in zip(A, dropout_p, strict=True)]
+    return [d for d, _ in pairs], [m for _, m in pairs]
+
+
+def flat_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as ``[M, K]`` rows in ``dtype`` with a contiguous last dimension (a view when it already is)."""
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def _lora_linear_fwd_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -174,16 +202,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 scaling: tuple[float, ...], dropout_p: tuple[float, ...], n: int,
                 *adapters: torch.Tensor | None) -> torch.Tensor:
         A, B, lora_bias = list(adapters[:n]), list(adapters[n:2 * n]), list(adapters[2 * n:])
-        dropped, masks = [], []
-        for a, p in zip(A, dropout_p, strict=True):
-            if p > 0:
-                # In the adapter's dtype, as PEFT does: the same random mask for the same RNG state.
-                xd, mask = torch.native_dropout(x.to(a.dtype), p, True)
-                dropped.append(xd.to(x.dtype))
-                masks.append(mask)
-            else:
-                dropped.append(x)
-                masks.append(None)
+        dropped, masks = dropout_inputs(x, A, dropout_p)
         y, xa = _forward(x, base, bias, dropped, A, B, list(scaling), lora_bias)
         ctx.base, ctx.n, ctx.scaling, ctx.dropout_p = base, n, list(scaling), list(dropout_p)
         ctx.has_lora_bias = [lb is not None for lb in lora_bias]
@@ -280,16 +299,13 @@ def lora_linear(x: torch.Tensor, base: torch.Tensor | NF4Weight, A: torch.Tensor
     cd = compute_dtype or x.dtype
     if cd not in _FLOATS:
         raise TypeError(f"lora_linear: compute_dtype must be float32, float16 or bfloat16, got {cd}")
-    k, out_features = base.shape[1], base.shape[0]
-    x2 = x.reshape(-1, k).to(cd)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    out_features = base.shape[0]
+    x2 = flat_input(x, cd)
     tensors = (x2, bias, *As, *Bs, *lbs)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y = LoRALinearFunction.apply(x2, base, bias, tuple(scalings), tuple(ps), n, *As, *Bs, *lbs)
     else:
-        dropped = [torch.nn.functional.dropout(x2.to(a.dtype), p).to(cd) if p > 0 else x2
-                   for a, p in zip(As, ps, strict=True)]
+        dropped, _ = dropout_inputs(x2, As, ps)
         y, _ = _forward(x2, base, bias, dropped, As, Bs, scalings, lbs)
     return y.to(x.dtype).view(*x.shape[:-1], out_features)
 

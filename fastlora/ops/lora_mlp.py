@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from .glu import ACTIVATIONS, activation_reference
-from .lora import _FLOATS, _check, _dense, lora_linear_reference
+from .lora import _FLOATS, _check, _dense, blocks, dropout, dropout_inputs, flat_input, lora_linear_reference
 from .lora_qkv import _weights
 from .nf4_weight import NF4Weight
 
@@ -48,24 +48,15 @@ def lora_mlp_reference(x: torch.Tensor, gate_up: Sequence[LoRAProjection], down:
     return proj(activation_reference(g, activation) * u, down)
 
 
-def _dropout(t: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if p == 0:
-        return t, None
-    # In the adapter's dtype, as PEFT does: the same mask for the same RNG state.
-    out, mask = torch.native_dropout(t.to(dtype), p, True)
-    return out.to(t.dtype), mask
-
-
 def _forward(x: torch.Tensor, gu_bases: tuple[Base, ...], down_base: Base, activation: str, scaling: Sequence[float],
              dropout_p: Sequence[float], A: list[torch.Tensor], B: list[torch.Tensor],
              biases: list[torch.Tensor | None]) -> tuple[torch.Tensor, tuple]:
     """``(y, what the backward keeps)``; projections 0..n-2 are gate/up (one fused or two), the last is down."""
-    pairs = [_dropout(x, p, a.dtype) for a, p in zip(A[:-1], dropout_p[:-1], strict=True)]
-    dropped, masks = [d for d, _ in pairs], [m for _, m in pairs]
+    dropped, masks = dropout_inputs(x, A[:-1], dropout_p[:-1])
     gu, xa_gu = torch.ops.fastlora.lora_qkv_fwd(x, _weights(gu_bases, x.dtype), biases[:-1], list(dropped),
                                                 A[:-1], B[:-1], list(scaling[:-1]))
     h = torch.ops.fastlora.glu_fwd(gu, activation)
-    h_dropped, mask_h = _dropout(h, dropout_p[-1], A[-1].dtype)
+    h_dropped, mask_h = dropout(h, dropout_p[-1], A[-1].dtype)
     y, xa_d = torch.ops.fastlora.lora_linear_fwd(h, _dense(down_base, x.dtype), biases[-1], [h_dropped], A[-1:],
                                                  B[-1:], [scaling[-1]], [None])
     return y, (gu, xa_gu, xa_d, mask_h, dropped, masks)
@@ -115,19 +106,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[7:]
         grads = [g if need else None for g, need in zip([*d_a, *d_a_down, *d_b, *d_b_down], needs[:2 * n],
                                                         strict=True)]
-        bias_grads = [gu[:, cols].sum(0, dtype=torch.float32) for cols in _blocks(B[:-1])] + \
+        bias_grads = [gu[:, cols].sum(0, dtype=torch.float32) for cols in blocks([b.shape[0] for b in B[:-1]])] + \
             [dy.sum(0, dtype=torch.float32)]
         grads += [g.to(dt) if need else None for g, dt, need in zip(bias_grads, ctx.bias_dtypes, needs[2 * n:],
                                                                     strict=True)]
         return dx if need_dx else None, None, None, None, None, None, None, *grads
-
-
-def _blocks(B: Sequence[torch.Tensor]) -> list[slice]:
-    out, start = [], 0
-    for b in B:
-        out.append(slice(start, start + b.shape[0]))
-        start += b.shape[0]
-    return out
 
 
 def lora_mlp(x: torch.Tensor, gate_up: Sequence[LoRAProjection], down: LoRAProjection, *,
@@ -168,9 +151,7 @@ def lora_mlp(x: torch.Tensor, gate_up: Sequence[LoRAProjection], down: LoRAProje
     cd = compute_dtype or x.dtype
     if cd not in _FLOATS:
         raise TypeError(f"lora_mlp: compute_dtype must be float32, float16 or bfloat16, got {cd}")
-    x2 = x.reshape(-1, x.shape[-1]).to(cd)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = flat_input(x, cd)
     tensors = (*[p.A for p in projections], *[p.B for p in projections], *[p.bias for p in projections])
     args = (tuple(p.base for p in gate_up), down.base, activation, tuple(float(p.scaling) for p in projections),
             tuple(float(p.dropout_p) for p in projections), len(projections))

@@ -19,7 +19,7 @@ import torch
 from ..kernels._utils import empty
 from ._library import define
 from ._workspace import workspace
-from .lora import _FLOATS, _check, _down, _slices, lora_linear_reference
+from .lora import _FLOATS, _check, _down, _slices, blocks, dropout_inputs, flat_input, lora_linear_reference
 from .nf4 import dequantize_nf4
 from .nf4_weight import NF4Weight
 
@@ -35,27 +35,19 @@ def lora_qkv_reference(x: torch.Tensor, weights: Sequence[torch.Tensor], A: Sequ
             for i, (w, a, b, s, bias) in enumerate(zip(weights, A, B, scaling, biases, strict=True))]
 
 
-def _row_blocks(sizes: Sequence[int]) -> list[slice]:
-    out, start = [], 0
-    for n in sizes:
-        out.append(slice(start, start + n))
-        start += n
-    return out
-
-
 def _lora_qkv_fwd(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
                   dropped: list[torch.Tensor], A: list[torch.Tensor], B: list[torch.Tensor],
                   scaling: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     cd = x.dtype
-    blocks = _row_blocks([b.shape[0] for b in B])
+    out_cols = blocks([b.shape[0] for b in B])
     if len(weights) == 1:  # the three weights stacked: one GEMM
         y = torch.mm(x, weights[0].t())
     else:
-        y = empty((x.shape[0], blocks[-1].stop), dtype=cd, device=x.device)
-        for cols, w in zip(blocks, weights, strict=True):
+        y = empty((x.shape[0], out_cols[-1].stop), dtype=cd, device=x.device)
+        for cols, w in zip(out_cols, weights, strict=True):
             torch.mm(x, w.t(), out=y[:, cols])
     xa = _down(x, dropped, A)
-    for cols, sl, b, s, bias in zip(blocks, _slices(A), B, scaling, biases, strict=True):
+    for cols, sl, b, s, bias in zip(out_cols, _slices(A), B, scaling, biases, strict=True):
         y[:, cols].addmm_(xa[:, sl], b.to(cd).t(), alpha=s)
         if bias is not None:
             y[:, cols].add_(bias.to(cd))
@@ -74,9 +66,9 @@ def _lora_qkv_bwd(dy: torch.Tensor, weights: list[torch.Tensor], xa: torch.Tenso
                   B: list[torch.Tensor], scaling: list[float], dropout_p: list[float],
                   need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     cd = dy.dtype
-    blocks = _row_blocks([b.shape[0] for b in B])
+    out_cols = blocks([b.shape[0] for b in B])
     d_a, d_b, gs = [], [], []
-    for cols, sl, a, b, s, d in zip(blocks, _slices(A), A, B, scaling, dropped, strict=True):
+    for cols, sl, a, b, s, d in zip(out_cols, _slices(A), A, B, scaling, dropped, strict=True):
         g = torch.mm(dy[:, cols], b.to(cd)).mul_(s)  # [M, r]
         gs.append(g)
         d_b.append(torch.mm(dy[:, cols].t(), xa[:, sl]).mul_(s).to(b.dtype))
@@ -86,8 +78,8 @@ def _lora_qkv_bwd(dy: torch.Tensor, weights: list[torch.Tensor], xa: torch.Tenso
     if len(weights) == 1:
         dx = torch.mm(dy, weights[0])
     else:
-        dx = torch.mm(dy[:, blocks[0]], weights[0])
-        for cols, w in zip(blocks[1:], weights[1:], strict=True):
+        dx = torch.mm(dy[:, out_cols[0]], weights[0])
+        for cols, w in zip(out_cols[1:], weights[1:], strict=True):
             dx.addmm_(dy[:, cols], w)
     if all(m is None for m in masks):
         dx.addmm_(torch.cat(gs, dim=1), torch.cat([a.to(cd) for a in A]))
@@ -122,7 +114,7 @@ def _weights(bases: Sequence[Base], dtype: torch.dtype) -> list[torch.Tensor]:
     shape = (sum(b.shape[0] for b in bases), bases[0].shape[1])
     stacked = torch.empty(shape, dtype=dtype, device=bases[0].device) if torch.compiler.is_compiling() else \
         workspace("lora_qkv_nf4", shape, dtype, bases[0].device)
-    for rows, b in zip(_row_blocks([b.shape[0] for b in bases]), bases, strict=True):
+    for rows, b in zip(blocks([b.shape[0] for b in bases]), bases, strict=True):
         dequantize_nf4(b, dtype=dtype, out=stacked[rows])
     return [stacked]
 
@@ -135,15 +127,7 @@ class LoRAQKVFunction(torch.autograd.Function):
                 scaling: tuple[float, ...], *tensors: torch.Tensor | None) -> torch.Tensor:
         n = len(bases)
         A, B, biases = list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:])
-        dropped, masks = [], []
-        for a, p in zip(A, dropout_p, strict=True):
-            if p > 0:  # in the adapter's dtype, as PEFT does: the same mask for the same RNG state
-                xd, mask = torch.native_dropout(x.to(a.dtype), p, True)
-                dropped.append(xd.to(x.dtype))
-                masks.append(mask)
-            else:
-                dropped.append(x)
-                masks.append(None)
+        dropped, masks = dropout_inputs(x, A, dropout_p)
         y, xa = torch.ops.fastlora.lora_qkv_fwd(x, _weights(bases, x.dtype), biases, dropped, A, B, list(scaling))
         ctx.bases, ctx.scaling, ctx.dropout_p, ctx.n = bases, list(scaling), list(dropout_p), n
         ctx.bias_dtypes = [None if bias is None else bias.dtype for bias in biases]
@@ -163,7 +147,7 @@ class LoRAQKVFunction(torch.autograd.Function):
                                                        ctx.scaling, ctx.dropout_p, need_dx)
         needs = ctx.needs_input_grad[4:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
-        for cols, dtype, need in zip(_row_blocks([b.shape[0] for b in B]), ctx.bias_dtypes, needs[2 * n:],
+        for cols, dtype, need in zip(blocks([b.shape[0] for b in B]), ctx.bias_dtypes, needs[2 * n:],
                                      strict=True):
             grads.append(dy[:, cols].sum(0, dtype=torch.float32).to(dtype) if need else None)
         return dx if need_dx else None, None, None, None, *grads
@@ -205,17 +189,14 @@ def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], 
     cd = compute_dtype or x.dtype
     if cd not in _FLOATS:
         raise TypeError(f"lora_qkv: compute_dtype must be float32, float16 or bfloat16, got {cd}")
-    x2 = x.reshape(-1, x.shape[-1]).to(cd)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = flat_input(x, cd)
     tensors = (*A, *B, *biases)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)):
         y = LoRAQKVFunction.apply(x2, tuple(bases), tuple(ps), tuple(float(s) for s in scaling), *tensors)
     else:
-        dropped = [torch.nn.functional.dropout(x2.to(a.dtype), p).to(cd) if p > 0 else x2
-                   for a, p in zip(A, ps, strict=True)]
+        dropped, _ = dropout_inputs(x2, A, ps)
         y, _ = torch.ops.fastlora.lora_qkv_fwd(x2, _weights(bases, cd), biases, dropped, list(A), list(B),
                                                [float(s) for s in scaling])
     y = y.to(x.dtype)
     return tuple(y[:, cols].view(*x.shape[:-1], cols.stop - cols.start)
-                 for cols in _row_blocks([b.shape[0] for b in B]))
+                 for cols in blocks([b.shape[0] for b in B]))
