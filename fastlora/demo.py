@@ -79,7 +79,7 @@ def build_model(size: str, device: torch.device, dtype: torch.dtype, *, four_bit
                 model_path: str | None = None) -> tuple[torch.nn.Module, Callable[[bytes], list[int]], str]:
     """(PEFT LoRA model, tokenizer function, description)."""
     import peft
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     if model_path:
@@ -91,11 +91,14 @@ def build_model(size: str, device: torch.device, dtype: torch.dtype, *, four_bit
         what = model_path
     else:
         config = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=False)
-        with torch.device(device):
-            model = LlamaForCausalLM(config).to(dtype)
+        with torch.device(device):  # made in place and in its dtype: an 8B model in fp32 would not fit twice
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenize = list  # bytes as tokens (ids 0..255)
         what = f"Llama-architecture '{size}' model, random weights"
     quantized = four_bit and _four_bit(model, dtype)
+    if size == "8b":  # two 8B models train side by side: keep their activations off the GPU's memory
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.enable_input_require_grads()
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     model = peft.get_peft_model(model, lora)
     for name, p in model.named_parameters():
