@@ -366,3 +366,14 @@ def test_every_family_peft_everything_patched(model_type, four_bit):
                        patched_tokens)
     model.train()
     torch.testing.assert_close(_step(model, ids, labels)[1], before[1], rtol=0, atol=0)
+
+
+def test_a_deep_copy_undoes_itself_not_the_original():
+    model = _peft(_llama())
+    fastlora.patch(model)
+    clone = copy.deepcopy(model)
+    assert fastlora.unpatch(clone)
+    assert all("FastLoRA" not in type(m).__name__ for m in clone.modules())
+    assert any("FastLoRA" in type(m).__name__ for m in model.modules())
+    assert "_loss_function" not in clone.get_base_model().__dict__
+    assert "_loss_function" in model.get_base_model().__dict__

@@ -76,8 +76,7 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
         _patch_rope(hf, family, report, forced)
     if mlp:
         _patch_mlp(hf, family, report, forced)
-    setattr(hf, _ATTR, report)
-    report._undo.insert(0, lambda: hf.__dict__.pop(_ATTR, None))
+    report.set_attr(None, "", hf, _ATTR, report)
     return report
 
 
@@ -115,34 +114,25 @@ def _patch_lora_layers(hf: torch.nn.Module, report: PatchReport, backend: Backen
         except UnsupportedLoRA as e:
             report.skip(name, str(e))
             continue
-        module.__class__ = fast_class(cls)
-        module._fastlora_backend = backend
-        report.add(name, f"{cls.__name__} -> fastlora.lora_linear", _restore(module, cls))
+        report.swap_class(name, f"{cls.__name__} -> fastlora.lora_linear", module, fast_class(cls),
+                          _fastlora_backend=backend)
 
 
 def _patch_loss(hf: torch.nn.Module, family: Family, loss: str, report: PatchReport) -> None:
     if not isinstance(getattr(hf, "lm_head", None), torch.nn.Module):
         report.skip("loss", f"{type(hf).__name__} has no lm_head: not a causal LM")
         return
-    had_own = "_loss_function" in hf.__dict__
-    previous = hf.__dict__.get("_loss_function")
-
-    def restore_loss() -> None:
-        if had_own:
-            hf._loss_function = previous
-        else:
-            hf.__dict__.pop("_loss_function", None)
-
-    hf.loss_function = causal_lm_loss
-    report.add("loss_function", "transformers' ForCausalLMLoss -> fastlora.cross_entropy", restore_loss)
+    # transformers 5 keeps an instance's loss in _loss_function (the loss_function property's setter).
+    report.set_attr("loss_function", "transformers' ForCausalLMLoss -> fastlora.cross_entropy", hf,
+                    "_loss_function", causal_lm_loss)
     if loss == "fused_linear":
         if type(hf.lm_head) is not torch.nn.Linear:
             report.skip("lm_head", f"{type(hf.lm_head).__name__}: the fused loss needs a plain nn.Linear head; "
                                    "the logits loss runs")
             return
         cls = type(hf)
-        hf.__class__ = fused_class(cls, family)
-        report.add(cls.__name__, "training with labels: fused_linear_cross_entropy, no logits", _restore(hf, cls))
+        report.swap_class(cls.__name__, "training with labels: fused_linear_cross_entropy, no logits", hf,
+                          fused_class(cls, family))
 
 
 def _patch_rope(hf: torch.nn.Module, family: Family, report: PatchReport, backend: Backend | str | None) -> None:
@@ -156,9 +146,8 @@ def _patch_rope(hf: torch.nn.Module, family: Family, report: PatchReport, backen
     for name, module in hf.named_modules():
         cls = type(module)
         if cls.__module__ == family.modeling and cls.__name__.endswith("Attention"):
-            module.__class__ = fast_attention_class(cls)
-            module._fastlora_rope_backend = backend
-            report.add(name, f"{cls.__name__}: apply_rotary_pos_emb -> fastlora.apply_rope", _restore(module, cls))
+            report.swap_class(name, f"{cls.__name__}: apply_rotary_pos_emb -> fastlora.apply_rope", module,
+                              fast_attention_class(cls), _fastlora_rope_backend=backend)
 
 
 def _patch_mlp(hf: torch.nn.Module, family: Family, report: PatchReport, backend: Backend | str | None) -> None:
@@ -181,15 +170,5 @@ def _patch_mlp(hf: torch.nn.Module, family: Family, report: PatchReport, backend
         except UnsupportedLoRA as e:
             report.skip(name, f"MLP: {e}")
             continue
-        module.__class__ = fast_mlp_class(cls, family, activation)
-        module._fastlora_backend = backend
-        report.add(name, f"{cls.__name__} -> fastlora.lora_mlp ({activation})", _restore(module, cls))
-
-
-def _restore(module: torch.nn.Module, cls: type):
-    def undo() -> None:
-        module.__class__ = cls
-        module.__dict__.pop("_fastlora_backend", None)
-        module.__dict__.pop("_fastlora_rope_backend", None)
-
-    return undo
+        report.swap_class(name, f"{cls.__name__} -> fastlora.lora_mlp ({activation})", module,
+                          fast_mlp_class(cls, family, activation), _fastlora_backend=backend)

@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+
+
+@dataclass
+class ClassSwap:
+    """A module whose class the patch swapped, and the instance attributes it added."""
+
+    module: object
+    original: type
+    attrs: tuple[str, ...] = ()
+
+    def undo(self) -> None:
+        self.module.__class__ = self.original
+        for name in self.attrs:
+            self.module.__dict__.pop(name, None)
+
+
+@dataclass
+class AttrSet:
+    """An instance attribute the patch set, and what was there before (if anything)."""
+
+    obj: object
+    name: str
+    had: bool
+    previous: object = None
+
+    def undo(self) -> None:
+        if self.had:
+            self.obj.__dict__[self.name] = self.previous
+        else:
+            self.obj.__dict__.pop(self.name, None)
 
 
 @dataclass
@@ -11,6 +40,8 @@ class PatchReport:
     """The modules :func:`fastlora.patch` changed and the ones it left alone, each with what or why.
 
     ``undo()`` restores the exact original behaviour (the original classes and attributes, in reverse order).
+    The changes are kept as data, not closures, so a deep copy of a patched model holds a report that undoes
+    the copy.
 
     Example:
         >>> report = fastlora.patch(model)
@@ -21,13 +52,22 @@ class PatchReport:
     model_type: str
     patched: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    changes: list[ClassSwap | AttrSet] = field(default_factory=list, repr=False)
     undone: bool = False
 
-    def add(self, name: str, what: str, undo: Callable[[], None]) -> None:
-        """Record a change and the action that reverts it."""
+    def swap_class(self, name: str, what: str, module: object, new_class: type, **attrs: object) -> None:
+        """Give ``module`` the class ``new_class`` (and instance attributes ``attrs``), recorded for undo."""
+        self.changes.append(ClassSwap(module, type(module), tuple(attrs)))
+        module.__class__ = new_class
+        module.__dict__.update(attrs)
         self.patched.append((name, what))
-        self._undo.append(undo)
+
+    def set_attr(self, name: str | None, what: str, obj: object, attr: str, value: object) -> None:
+        """Set an instance attribute, recorded for undo (listed as patched unless ``name`` is None)."""
+        self.changes.append(AttrSet(obj, attr, attr in obj.__dict__, obj.__dict__.get(attr)))
+        obj.__dict__[attr] = value
+        if name is not None:
+            self.patched.append((name, what))
 
     def skip(self, name: str, reason: str) -> None:
         """Record a module left alone, with the reason."""
@@ -37,9 +77,9 @@ class PatchReport:
         """Revert every change, newest first; a second call does nothing."""
         if self.undone:
             return
-        for action in reversed(self._undo):
-            action()
-        self._undo.clear()
+        for change in reversed(self.changes):
+            change.undo()
+        self.changes.clear()
         self.undone = True
 
     def __str__(self) -> str:
