@@ -20,6 +20,14 @@ from .nf4 import _nf4_table
 
 
 @triton.jit
+def _dot(b_a, b_b, IEEE: tl.constexpr):
+    # fp32 operands: full fp32 products as torch's fp32 matmul gives them by default, not TF32's 10-bit mantissa.
+    if IEEE:
+        return tl.dot(b_a, b_b, input_precision="ieee")
+    return tl.dot(b_a, b_b)
+
+
+@triton.jit
 def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_e1, p_e2, p_bias, p_out,
                           M, P, Q, K, R, stride_xm, stride_e1m, stride_e2p, stride_e2r, stride_om,
                           NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, TRANS_W: tl.constexpr,
@@ -57,7 +65,7 @@ def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p
             b_scale = tl.load(p_absmax + o_blk, mask=m_w, other=0.0)
         # Rounded to the output dtype as dequantize_4bit's result is, then multiplied in that dtype.
         b_w = (tl.load(p_nf4 + b_nib, mask=m_w, other=0.0) * b_scale).to(DT).to(DOT)  # [BP, BQ]
-        b_acc += tl.dot(b_x.to(DT).to(DOT), tl.trans(b_w))
+        b_acc += _dot(b_x.to(DT).to(DOT), tl.trans(b_w), DOT == tl.float32)
     if HAS_LORA:
         for r0 in range(0, R, BR):
             o_r = r0 + tl.arange(0, BR)  # [BR]
@@ -66,7 +74,7 @@ def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p
                            mask=m_m[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # [BM, BR]
             b_e2 = tl.load(p_e2 + o_p[:, None].to(tl.int64) * stride_e2p + o_r[None, :] * stride_e2r,
                            mask=m_p[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # [BP, BR]
-            b_acc += tl.dot(b_e1.to(DT).to(DOT), tl.trans(b_e2.to(DT).to(DOT)))
+            b_acc += _dot(b_e1.to(DT).to(DOT), tl.trans(b_e2.to(DT).to(DOT)), DOT == tl.float32)
     if HAS_BIAS:
         b_acc += tl.load(p_bias + o_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
     tl.store(p_out + o_m[:, None].to(tl.int64) * stride_om + o_p[None, :], b_acc.to(DT),
