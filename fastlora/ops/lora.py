@@ -111,6 +111,19 @@ def dropout_inputs(x: torch.Tensor, A: Sequence[torch.Tensor],
     return [d for d, _ in pairs], [m for _, m in pairs]
 
 
+def save_adapters(ctx: object, xa: torch.Tensor, x: torch.Tensor, dropped: Sequence[torch.Tensor],
+                  masks: Sequence[torch.Tensor | None], A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> None:
+    """Save what an adapter backward needs; an undropped input is saved once, as ``x``."""
+    ctx.save_for_backward(xa, x, *[d if d is not x else None for d in dropped], *masks, *A, *B)
+
+
+def saved_adapters(ctx: object, n: int) -> tuple[torch.Tensor, torch.Tensor, list, list, list, list]:
+    """``(xa, x, dropped, masks, A, B)`` as :func:`save_adapters` kept them, for ``n`` adapters."""
+    xa, x, *rest = ctx.saved_tensors
+    dropped = [x if d is None else d for d in rest[:n]]
+    return xa, x, dropped, list(rest[n:2 * n]), list(rest[2 * n:3 * n]), list(rest[3 * n:])
+
+
 def flat_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` as ``[M, K]`` rows in ``dtype`` with a contiguous last dimension (a view when it already is)."""
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -207,24 +220,22 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.base, ctx.n, ctx.scaling, ctx.dropout_p = base, n, list(scaling), list(dropout_p)
         ctx.has_lora_bias = [lb is not None for lb in lora_bias]
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(xa, x, *[d if d is not x else None for d in dropped], *masks, *A, *B)
+        save_adapters(ctx, xa, x, dropped, masks, A, B)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         n = ctx.n
-        xa, x, *rest = ctx.saved_tensors
-        dropped = [x if d is None else d for d in rest[:n]]
-        masks, A, B = rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+        xa, x, dropped, masks, A, B = saved_adapters(ctx, n)
         dy = dy.contiguous()
         need_dx = ctx.needs_input_grad[0]
         small = need_dx and _small_nf4(ctx.base, dy)
         weight = _dense(ctx.base, dy.dtype) if need_dx and not small else dy.new_empty((0, 0))
-        dx, d_a, d_b, d_lb = call("lora_linear_bwd", _lora_linear_bwd, dy, weight, xa, x, dropped, list(masks),
-                                  list(A), list(B), ctx.scaling, ctx.dropout_p, ctx.has_lora_bias,
+        dx, d_a, d_b, d_lb = call("lora_linear_bwd", _lora_linear_bwd, dy, weight, xa, x, dropped, masks,
+                                  A, B, ctx.scaling, ctx.dropout_p, ctx.has_lora_bias,
                                   need_dx and not small)
         if small:
-            dx = _small_nf4_dx(dy, ctx.base, list(masks), list(A), list(B), ctx.scaling, ctx.dropout_p)
+            dx = _small_nf4_dx(dy, ctx.base, masks, A, B, ctx.scaling, ctx.dropout_p)
         needs = ctx.needs_input_grad[6:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
         grads += [g if has and need else None for g, has, need in zip(d_lb, ctx.has_lora_bias, needs[2 * n:],

@@ -19,7 +19,18 @@ import torch
 from ..kernels._utils import empty
 from ._library import define
 from ._workspace import workspace
-from .lora import _FLOATS, _check, _down, _slices, blocks, dropout_inputs, flat_input, lora_linear_reference
+from .lora import (
+    _FLOATS,
+    _check,
+    _down,
+    _slices,
+    blocks,
+    dropout_inputs,
+    flat_input,
+    lora_linear_reference,
+    save_adapters,
+    saved_adapters,
+)
 from .nf4 import dequantize_nf4
 from .nf4_weight import NF4Weight
 
@@ -131,19 +142,17 @@ class LoRAQKVFunction(torch.autograd.Function):
         y, xa = torch.ops.fastlora.lora_qkv_fwd(x, _weights(bases, x.dtype), biases, dropped, A, B, list(scaling))
         ctx.bases, ctx.scaling, ctx.dropout_p, ctx.n = bases, list(scaling), list(dropout_p), n
         ctx.bias_dtypes = [None if bias is None else bias.dtype for bias in biases]
-        ctx.save_for_backward(xa, x, *[d if d is not x else None for d in dropped], *masks, *A, *B)
+        save_adapters(ctx, xa, x, dropped, masks, A, B)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         n = ctx.n
-        xa, x, *rest = ctx.saved_tensors
-        dropped = [x if d is None else d for d in rest[:n]]
-        masks, A, B = rest[n:2 * n], rest[2 * n:3 * n], rest[3 * n:]
+        xa, x, dropped, masks, A, B = saved_adapters(ctx, n)
         dy = dy.contiguous()
         need_dx = ctx.needs_input_grad[0]
         weights = _weights(ctx.bases, dy.dtype) if need_dx else []
-        dx, d_a, d_b = torch.ops.fastlora.lora_qkv_bwd(dy, weights, xa, x, dropped, list(masks), list(A), list(B),
+        dx, d_a, d_b = torch.ops.fastlora.lora_qkv_bwd(dy, weights, xa, x, dropped, masks, A, B,
                                                        ctx.scaling, ctx.dropout_p, need_dx)
         needs = ctx.needs_input_grad[4:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
