@@ -77,8 +77,9 @@ def autograd_case(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], in
                   seed: int = 1000) -> Case:
     """The case for ``mode`` of a differentiable ``fn(*inputs)``.
 
-    ``forward`` times one call; ``backward`` times only ``torch.autograd.grad`` of a graph built beforehand
-    (kept with ``retain_graph``, so no forward runs inside the timed region); ``full`` times both. Gradients are
+    ``forward`` times one call without autograd recording; ``backward`` times only ``torch.autograd.grad`` of a
+    graph built beforehand (kept with ``retain_graph``, so no forward runs inside the timed region); ``full``
+    times both. Gradients are
     taken for the inputs marked in ``requires_grad`` (default: all floating ones) against a seeded upstream
     gradient; they are returned, not accumulated into ``.grad``, so no extra add is timed.
 
@@ -94,7 +95,8 @@ def autograd_case(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], in
     if mode not in MODES:
         raise ValueError(f"autograd_case: unknown mode {mode!r} (expected one of {', '.join(MODES)})")
     if mode == "forward":
-        return Case(fn=lambda: fn(*inputs), work=forward)
+        # No graph: a module's own parameters (a PEFT layer's adapters) would otherwise make one.
+        return Case(fn=lambda: _no_grad(fn, inputs), work=forward)
     flags = requires_grad if requires_grad is not None else [t.is_floating_point() for t in inputs]
     leaves = [t.detach().requires_grad_(bool(f)) for t, f in zip(inputs, flags, strict=True)]
     wrt = [t for t in leaves if t.requires_grad]
@@ -103,6 +105,12 @@ def autograd_case(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], in
     if mode == "backward":
         return _backward_case(outs, wrt, grads, backward)
     return _full_case(fn, leaves, wrt, grads, forward + backward)
+
+
+def _no_grad(fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+             inputs: Sequence[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return fn(*inputs)
 
 
 def _as_tuple(out: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

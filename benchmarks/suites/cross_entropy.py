@@ -123,16 +123,8 @@ def _make_flce(provider: str, mode: str, shape: Shape, device: torch.device, dty
         fn = lambda x, w, y: fastlora.fused_linear_cross_entropy(x, w, y, backend=backend)  # noqa: E731
     else:
         raise ValueError(f"fused_linear_cross_entropy: unknown provider {provider!r}")
-    if mode == "forward":
-        return Case(fn=lambda: _no_grad(fn, hidden, weight, labels), work=_flce_work(n, h, vocab, train_head, mode))
-    work = _flce_work(n, h, vocab, train_head, "full")
-    return autograd_case(fn, [hidden, weight, labels], mode, forward=work, backward=Work(),
-                         requires_grad=[True, bool(train_head), False])
-
-
-def _no_grad(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return fn(*args)
+    return autograd_case(fn, [hidden, weight, labels], mode, forward=_flce_work(n, h, vocab, train_head, mode),
+                         backward=Work(), requires_grad=[True, bool(train_head), False])
 
 
 def _flce_work(n: int, h: int, vocab: int, train_head: int, mode: str) -> Work:

@@ -103,14 +103,7 @@ def _make(provider: str, mode: str, shape: Shape, device: torch.device, dtype: t
                 return fastlora.lora_linear(x, base, a, b, scaling)
     else:
         raise ValueError(f"lora: unknown provider {provider!r}")
-    if mode == "forward":
-        return Case(fn=lambda: _no_grad(fn, x, a, b), work=forward)
     return autograd_case(fn, [x, a, b], mode, forward=forward, backward=backward)
-
-
-def _no_grad(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return fn(*args)
 
 
 def _label(shape: Shape) -> str:

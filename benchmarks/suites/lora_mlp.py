@@ -86,12 +86,6 @@ def _make(provider: str, mode: str, shape: Shape, device: torch.device, dtype: t
     else:
         raise ValueError(f"lora_mlp: unknown provider {provider!r}")
     inputs = [x, *[t for pair in adapters for t in pair]]
-    if mode == "forward":
-        def call() -> torch.Tensor:
-            with torch.no_grad():
-                return fn(*inputs)
-
-        return Case(fn=call, work=forward)
     return autograd_case(fn, inputs, mode, forward=forward, backward=backward)
 
 
