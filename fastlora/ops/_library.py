@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # FRAGMENT: the native extension defines its own ops (native_*) in the same namespace.
 _LIB = torch.library.Library("fastlora", "FRAGMENT")
+_IMPLS: dict[str, Callable[..., object]] = {}
 
 
 def define(schema: str, impl: Callable[..., object], fake: Callable[..., object]) -> None:
@@ -21,21 +22,23 @@ def define(schema: str, impl: Callable[..., object], fake: Callable[..., object]
         >>> define("swiglu_fwd(Tensor gate, Tensor up, str backend='auto') -> Tensor", impl, fake)
     """
     name = schema.split("(", 1)[0]
+    _IMPLS[name] = impl
     _LIB.define(schema)
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"fastlora::{name}", fake, lib=_LIB)
 
 
-def call(name: str, impl: Callable[..., object], *args: object) -> object:
-    """Run ``fastlora::<name>``: straight into ``impl`` in plain eager mode, through ``torch.ops`` otherwise.
+def call(name: str, *args: object) -> object:
+    """Run ``fastlora::<name>``: straight into its implementation in plain eager mode, through ``torch.ops``
+    otherwise.
 
     The dispatcher's boxing of a Python-defined op with tensor lists costs 20-35 us a call on a CPU, as much as
     a small GEMM; a LoRA layer makes two such calls per step. Under torch.compile, or any dispatch mode (fake
     tensors, tracing), the registered op runs, so graphs and opcheck see exactly the op.
 
     Example:
-        >>> y, xa = call("lora_linear_fwd", _lora_linear_fwd, x, w, None, [x], [a], [b], [2.0], [None])
+        >>> y, xa = call("lora_linear_fwd", x, w, None, [x], [a], [b], [2.0], [None])
     """
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return getattr(torch.ops.fastlora, name)(*args)
-    return impl(*args)
+    return _IMPLS[name](*args)

@@ -187,7 +187,7 @@ def _forward(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor
     """``(Y, XA)``: for a few rows over NF4, one kernel reads the packed weight and adds the LoRA term; else
     GEMMs over the dense (or once dequantized) weight."""
     if not _small_nf4(base, x):
-        return call("lora_linear_fwd", _lora_linear_fwd, x, _dense(base, x.dtype), bias, dropped, A, B, scaling,
+        return call("lora_linear_fwd", x, _dense(base, x.dtype), bias, dropped, A, B, scaling,
                     lora_bias)
     xa = _down(x, dropped, A)
     bias = None if bias is None else bias.to(x.dtype)
@@ -231,7 +231,7 @@ class LoRALinearFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         small = need_dx and _small_nf4(ctx.base, dy)
         weight = _dense(ctx.base, dy.dtype) if need_dx and not small else dy.new_empty((0, 0))
-        dx, d_a, d_b, d_lb = call("lora_linear_bwd", _lora_linear_bwd, dy, weight, xa, x, dropped, masks,
+        dx, d_a, d_b, d_lb = call("lora_linear_bwd", dy, weight, xa, x, dropped, masks,
                                   A, B, ctx.scaling, ctx.dropout_p, ctx.has_lora_bias,
                                   need_dx and not small)
         if small:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._library import call
 from .glu import ACTIVATIONS, activation_reference
 from .lora import _FLOATS, _check, _dense, blocks, dropout, dropout_inputs, flat_input, lora_linear_reference
 from .lora_qkv import _weights
@@ -53,11 +54,11 @@ def _forward(x: torch.Tensor, gu_bases: tuple[Base, ...], down_base: Base, activ
              biases: list[torch.Tensor | None]) -> tuple[torch.Tensor, tuple]:
     """``(y, what the backward keeps)``; projections 0..n-2 are gate/up (one fused or two), the last is down."""
     dropped, masks = dropout_inputs(x, A[:-1], dropout_p[:-1])
-    gu, xa_gu = torch.ops.fastlora.lora_qkv_fwd(x, _weights(gu_bases, x.dtype), biases[:-1], list(dropped),
+    gu, xa_gu = call("lora_qkv_fwd", x, _weights(gu_bases, x.dtype), biases[:-1], list(dropped),
                                                 A[:-1], B[:-1], list(scaling[:-1]))
-    h = torch.ops.fastlora.glu_fwd(gu, activation)
+    h = call("glu_fwd", gu, activation)
     h_dropped, mask_h = dropout(h, dropout_p[-1], A[-1].dtype)
-    y, xa_d = torch.ops.fastlora.lora_linear_fwd(h, _dense(down_base, x.dtype), biases[-1], [h_dropped], A[-1:],
+    y, xa_d = call("lora_linear_fwd", h, _dense(down_base, x.dtype), biases[-1], [h_dropped], A[-1:],
                                                  B[-1:], [scaling[-1]], [None])
     return y, (gu, xa_gu, xa_d, mask_h, dropped, masks)
 
@@ -90,18 +91,18 @@ class LoRAMLPFunction(torch.autograd.Function):
         dropped = [x if d is None else d for d in rest[:m]]
         masks, A, B = rest[m:2 * m], rest[2 * m:2 * m + n], rest[2 * m + n:]
         cd, dy = dy.dtype, dy.contiguous()
-        h = torch.ops.fastlora.glu_fwd(gu, ctx.activation)  # recomputed, not stored
+        h = call("glu_fwd", gu, ctx.activation)  # recomputed, not stored
         p_h = ctx.dropout_p[-1]
         h_dropped = h if mask_h is None else (h.to(A[-1].dtype) * mask_h).mul_(1.0 / (1.0 - p_h)).to(cd)
-        dh, d_a_down, d_b_down, _ = torch.ops.fastlora.lora_linear_bwd(
+        dh, d_a_down, d_b_down, _ = call("lora_linear_bwd",
             dy, _dense(ctx.down_base, cd), xa_d, h, [h_dropped], [mask_h], A[-1:], B[-1:], ctx.scaling[-1:],
             [p_h], [False], True)
         del h, h_dropped
-        torch.ops.fastlora.glu_bwd_(dh, gu, ctx.activation)  # gu now holds [d gate | d up]
+        call("glu_bwd_", dh, gu, ctx.activation)  # gu now holds [d gate | d up]
         del dh
         need_dx = ctx.needs_input_grad[0]
         weights = _weights(ctx.gu_bases, cd) if need_dx else []
-        dx, d_a, d_b = torch.ops.fastlora.lora_qkv_bwd(gu, weights, xa_gu, x, dropped, list(masks), A[:-1], B[:-1],
+        dx, d_a, d_b = call("lora_qkv_bwd", gu, weights, xa_gu, x, dropped, list(masks), A[:-1], B[:-1],
                                                        ctx.scaling[:-1], ctx.dropout_p[:-1], need_dx)
         needs = ctx.needs_input_grad[7:]
         grads = [g if need else None for g, need in zip([*d_a, *d_a_down, *d_b, *d_b_down], needs[:2 * n],

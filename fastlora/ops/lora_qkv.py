@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from ..kernels._utils import empty
-from ._library import define
+from ._library import call, define
 from ._workspace import workspace
 from .lora import (
     _FLOATS,
@@ -139,7 +139,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         n = len(bases)
         A, B, biases = list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:])
         dropped, masks = dropout_inputs(x, A, dropout_p)
-        y, xa = torch.ops.fastlora.lora_qkv_fwd(x, _weights(bases, x.dtype), biases, dropped, A, B, list(scaling))
+        y, xa = call("lora_qkv_fwd", x, _weights(bases, x.dtype), biases, dropped, A, B, list(scaling))
         ctx.bases, ctx.scaling, ctx.dropout_p, ctx.n = bases, list(scaling), list(dropout_p), n
         ctx.bias_dtypes = [None if bias is None else bias.dtype for bias in biases]
         save_adapters(ctx, xa, x, dropped, masks, A, B)
@@ -152,7 +152,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         dy = dy.contiguous()
         need_dx = ctx.needs_input_grad[0]
         weights = _weights(ctx.bases, dy.dtype) if need_dx else []
-        dx, d_a, d_b = torch.ops.fastlora.lora_qkv_bwd(dy, weights, xa, x, dropped, masks, A, B,
+        dx, d_a, d_b = call("lora_qkv_bwd", dy, weights, xa, x, dropped, masks, A, B,
                                                        ctx.scaling, ctx.dropout_p, need_dx)
         needs = ctx.needs_input_grad[4:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
@@ -204,7 +204,7 @@ def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], 
         y = LoRAQKVFunction.apply(x2, tuple(bases), tuple(ps), tuple(float(s) for s in scaling), *tensors)
     else:
         dropped, _ = dropout_inputs(x2, A, ps)
-        y, _ = torch.ops.fastlora.lora_qkv_fwd(x2, _weights(bases, cd), biases, dropped, list(A), list(B),
+        y, _ = call("lora_qkv_fwd", x2, _weights(bases, cd), biases, dropped, list(A), list(B),
                                                [float(s) for s in scaling])
     y = y.to(x.dtype)
     return tuple(y[:, cols].view(*x.shape[:-1], cols.stop - cols.start)
