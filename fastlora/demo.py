@@ -55,23 +55,14 @@ def corpus_bytes() -> bytes:
 
 
 def _four_bit(model: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
-    """Replace the decoder's linear layers by bitsandbytes NF4 layers in place; False without bitsandbytes."""
+    """Make the decoder's linear layers bitsandbytes NF4 layers in place; False without bitsandbytes."""
+    from .testing import nf4_decoder
+
     try:
-        import bitsandbytes as bnb
+        nf4_decoder(model, compute_dtype)
     except Exception as e:  # missing, or broken on this machine
         logger.info("demo: bitsandbytes unavailable (%s): training a dense base", type(e).__name__)
         return False
-    device = next(model.parameters()).device
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Linear:
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=compute_dtype, quant_type="nf4", device="cpu")
-                    q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.float32), requires_grad=False,
-                                                 quant_type="nf4")
-                    setattr(parent, name, q.to(device))
-    model.is_loaded_in_4bit = True
     return True
 
 

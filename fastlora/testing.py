@@ -132,3 +132,33 @@ def lora_grads(layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tens
         if layer.lora_B[n].bias is not None:
             out[f"lora_bias[{n}]"] = layer.lora_B[n].bias.grad
     return out
+
+
+def nf4_decoder(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Replace the ``nn.Linear`` layers of a transformers causal LM's decoder (attention and MLP) by bitsandbytes
+    NF4 ``Linear4bit`` layers in place, as a 4-bit ``from_pretrained`` would load them; returns the model.
+
+    Raises:
+        ImportError: bitsandbytes is not installed.
+
+    Example:
+        >>> model = nf4_decoder(LlamaForCausalLM(config))
+        >>> type(model.model.layers[0].mlp.up_proj).__name__
+        'Linear4bit'
+    """
+    import bitsandbytes as bnb
+
+    device = next(model.parameters()).device
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4", device="cpu")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.float32), requires_grad=False,
+                                                 quant_type="nf4")
+                    if child.bias is not None:
+                        q.bias = torch.nn.Parameter(child.bias.data.to("cpu"), requires_grad=False)
+                    setattr(parent, name, q.to(device))
+    model.is_loaded_in_4bit = True
+    return model

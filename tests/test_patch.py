@@ -7,6 +7,7 @@ import torch
 
 import fastlora
 from fastlora.patching import FAMILIES
+from fastlora.testing import nf4_decoder
 
 peft = pytest.importorskip("peft")
 
@@ -182,18 +183,8 @@ def test_family_table_matches_transformers():
 
 def _four_bit(model):
     """The decoder's linear layers replaced by bitsandbytes NF4 Linear4bit (as from_pretrained would load them)."""
-    bnb = pytest.importorskip("bitsandbytes")
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.float32, quant_type="nf4")
-                    q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
-                    q = q.to("cpu")
-                    setattr(parent, name, q)
-    model.is_loaded_in_4bit = True
-    return model
+    pytest.importorskip("bitsandbytes")
+    return nf4_decoder(model)
 
 
 def test_peft_over_bitsandbytes_patched_equals_unpatched():
