@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from .checkpointing import OffloadedCheckpointing, OffloadStats
 from .device import DeviceInfo, device_info
 from .dispatch import Backend, BackendUnavailableError, resolve_backend, use_backend
 from .ops import (
@@ -43,6 +44,8 @@ __all__ = [
     "DeviceInfo",
     "LoRAProjection",
     "NF4Weight",
+    "OffloadStats",
+    "OffloadedCheckpointing",
     "PatchReport",
     "apply_rope",
     "cross_entropy",

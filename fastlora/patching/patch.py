@@ -3,15 +3,18 @@ reversibly.
 
 What is patched today: PEFT LoRA linear layers (over ``nn.Linear`` and bitsandbytes ``Linear4bit``) take
 :func:`fastlora.lora_linear`; gated MLPs whose projections are plain LoRA layers take :func:`fastlora.lora_mlp`;
-the loss (see :mod:`fastlora.patching.loss`) and RoPE (see :mod:`fastlora.patching.rope`). What is left alone is
-listed in the report with the reason.
+the loss (see :mod:`fastlora.patching.loss`), RoPE (see :mod:`fastlora.patching.rope`) and, when asked, gradient
+checkpointing (see :mod:`fastlora.patching.checkpointing`). What is left alone is listed in the report with the
+reason.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..checkpointing import OffloadedCheckpointing
 from ..dispatch import Backend
+from .checkpointing import patch_checkpointing
 from .families import Family, family_of
 from .lora_layers import fast_class, lora_layer_classes
 from .loss import causal_lm_loss, fused_class
@@ -22,6 +25,7 @@ from .rope import fast_attention_class, install_trampoline, rope_worth_it
 
 _ATTR = "_fastlora_patch"
 _LOSSES = ("fused_linear", "logits", None)
+_CHECKPOINTING = ("offload", None)
 
 
 def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -31,10 +35,11 @@ def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: bool = True,
-          loss: str | None = "fused_linear", backend: Backend | str = "auto") -> PatchReport:
+          loss: str | None = "fused_linear", checkpointing: str | OffloadedCheckpointing | None = None,
+          backend: Backend | str = "auto") -> PatchReport:
     """Patch a transformers causal LM, a PeftModel around one, or a 4-bit one, in place; returns the report.
 
-    Patching twice changes nothing and returns the first report; ``report.undo()`` or
+    Patching twice with the same options changes nothing and returns the first report; ``report.undo()`` or
     :func:`fastlora.unpatch` restores the exact original behaviour. Other models in the process are untouched.
 
     Args:
@@ -48,10 +53,14 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
             there only the reference would run, slower than transformers' function).
         mlp: run LoRA MLPs as one :func:`fastlora.lora_mlp` (left alone on a CPU unless a backend is forced: it
             measured slower there than the layers one by one).
+        checkpointing: ``"offload"`` (or an :class:`fastlora.OffloadedCheckpointing` with your settings): gradient
+            checkpointing, when it is on or whenever it is turned on later (by ``activation_checkpointing_enable``
+            or a Trainer), keeps each layer's input in CPU memory until the backward; None leaves it alone.
         backend: force one backend for the patched ops (``"auto"``: the dispatcher decides).
 
     Raises:
-        ValueError: an unsupported model type (nothing is changed) or a bad option.
+        ValueError: an unsupported model type (nothing is changed), a bad option, or a model already patched with
+            other options (unpatch it first).
 
     Example:
         >>> model = get_peft_model(LlamaForCausalLM(config), LoraConfig(target_modules="all-linear"))
@@ -63,11 +72,19 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
     family = family_of(hf)  # raises before anything changes
     if loss not in _LOSSES:
         raise ValueError(f"fastlora.patch: loss must be one of {_LOSSES}, got {loss!r}")
+    if not (checkpointing in _CHECKPOINTING or isinstance(checkpointing, OffloadedCheckpointing)):
+        raise ValueError(f"fastlora.patch: checkpointing must be one of {_CHECKPOINTING} or an "
+                         f"OffloadedCheckpointing, got {checkpointing!r}")
     forced = None if Backend.parse(backend, what="fastlora.patch") is Backend.AUTO else backend
+    options = dict(rope=rope, lora=lora, mlp=mlp, loss=loss, checkpointing=checkpointing, backend=backend)
     existing = getattr(hf, _ATTR, None)
     if existing is not None and not existing.undone:
+        if existing.options != options:
+            changed = sorted(k for k in options if existing.options.get(k) != options[k])
+            raise ValueError(f"fastlora.patch: this model is already patched with other options ({', '.join(changed)}"
+                             "); call fastlora.unpatch(model) first")
         return existing
-    report = PatchReport(family.model_type)
+    report = PatchReport(family.model_type, options=options)
     if lora:
         _patch_lora_layers(hf, report, forced)
     if loss is not None:
@@ -76,6 +93,9 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
         _patch_rope(hf, family, report, forced)
     if mlp:
         _patch_mlp(hf, family, report, forced)
+    if checkpointing is not None:
+        offload = OffloadedCheckpointing() if checkpointing == "offload" else checkpointing
+        patch_checkpointing(hf, offload, report)
     report.set_attr(None, "", hf, _ATTR, report)
     return report
 

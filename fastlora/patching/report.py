@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Change(Protocol):
+    """One recorded change of a patch: ``undo()`` takes it back."""
+
+    def undo(self) -> None: ...
 
 
 @dataclass
@@ -50,9 +57,10 @@ class PatchReport:
     """
 
     model_type: str
+    options: dict[str, object] = field(default_factory=dict, repr=False)
     patched: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    changes: list[ClassSwap | AttrSet] = field(default_factory=list, repr=False)
+    changes: list[Change] = field(default_factory=list, repr=False)
     undone: bool = False
 
     def swap_class(self, name: str, what: str, module: object, new_class: type, **attrs: object) -> None:
@@ -68,6 +76,10 @@ class PatchReport:
         obj.__dict__[attr] = value
         if name is not None:
             self.patched.append((name, what))
+
+    def add_change(self, change: Change) -> None:
+        """Record a change made by other means (kept as data, like the others), undone in order with the rest."""
+        self.changes.append(change)
 
     def skip(self, name: str, reason: str) -> None:
         """Record a module left alone, with the reason."""
