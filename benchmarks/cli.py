@@ -18,6 +18,7 @@ import fastlora
 from . import report, results
 from .harness import Roofline, run_suite
 from .suites import SUITES, roofline, select
+from .training import run as run_training
 
 
 def _suite_names(value: str) -> list[str]:
@@ -48,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where <device>.csv is appended to (default: $FASTLORA_RESULTS_DIR, else "
                              "benchmarks/results under the working directory)")
     parser.add_argument("--no-save", action="store_true", help="print the tables only, write no CSV")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="time whole training steps (8B shape, 8K and 32K tokens) with offloaded against in-GPU "
+                             "checkpointing, instead of the kernel suites (unless --op is given too)")
+    parser.add_argument("--max-context", action="store_true",
+                        help="search the longest sequence that trains before the GPU runs out of memory, for HF + "
+                             "PEFT + bitsandbytes and for fastlora with and without offloaded checkpointing")
     parser.add_argument("--device", default=None,
                         help="torch device to run on, e.g. cpu or cuda:1 (default: the GPU if there is one)")
 
@@ -63,9 +70,14 @@ def run(args: argparse.Namespace) -> int:
         >>> run(parser.parse_args(["--op", "swiglu", "--quick", "--no-save"]))
         0
     """
+    # A hand-built namespace may lack the newer options.
+    checkpointing, max_ctx = bool(getattr(args, "checkpointing", False)), bool(getattr(args, "max_context", False))
+    training = checkpointing or max_ctx
     try:
-        suites = select(_op_names(args.op))
+        suites = select(_op_names(args.op)) if args.op or not training else []
         device = _device(args.device)
+        if max_ctx and device.type != "cuda":
+            raise ValueError("--max-context needs a CUDA device: a CPU swaps instead of running out of memory")
     except (ValueError, RuntimeError) as e:
         print(f"fastlora bench: {e}", file=sys.stderr)
         return 2
@@ -93,6 +105,13 @@ def run(args: argparse.Namespace) -> int:
                 if path is not None:
                     lines.append(f"{sum(r.ok for r in done)} rows appended to {path}")
             tqdm.write("\n" + "\n".join(lines), file=sys.stdout)
+    if training:
+        done = run_training(device, checkpointing=checkpointing, max_ctx=max_ctx, quick=quick)
+        fatal |= any(r.fatal for r in done)
+        if not args.no_save:
+            path = results.save(done, device, quick=quick, directory=args.results_dir)
+            if path is not None:
+                print(f"{sum(r.ok for r in done)} rows appended to {path}")
     if fatal:
         print("fastlora bench: a fastlora provider failed the correctness gate (see the notes above)",
               file=sys.stderr)

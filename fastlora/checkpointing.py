@@ -247,3 +247,19 @@ class OffloadedCheckpointing:
         if device not in self._streams:
             self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
         return self._streams[device][which]
+
+
+def enable_checkpointing(model: torch.nn.Module, **checkpoint_kwargs: Any) -> None:
+    """Turn on a transformers model's gradient checkpointing with torch's checkpoint and ``checkpoint_kwargs``
+    (``use_reentrant=False`` unless given), through ``activation_checkpointing_enable`` where transformers has it
+    and the older ``gradient_checkpointing_enable`` (transformers 5.17 and before) where it does not.
+
+    Example:
+        >>> enable_checkpointing(model, use_reentrant=False)
+    """
+    kwargs = {"use_reentrant": False, **checkpoint_kwargs}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if callable(enable):
+        enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._logging import logger
+from .checkpointing import enable_checkpointing
 
 #: Model shapes: ``tiny`` trains in seconds on a CPU; ``8b`` is Llama-3.1-8B's shape, for a GPU.
 SIZES: dict[str, dict[str, int]] = {
@@ -88,8 +89,7 @@ def build_model(size: str, device: torch.device, dtype: torch.dtype, *, four_bit
         what = f"Llama-architecture '{size}' model, random weights"
     quantized = four_bit and _four_bit(model, dtype)
     if size == "8b":  # two 8B models train side by side: keep their activations off the GPU's memory
-        model.activation_checkpointing_enable({"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model, use_reentrant=False)
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     model = peft.get_peft_model(model, lora)
     for name, p in model.named_parameters():

@@ -248,3 +248,40 @@ def test_hf_trainer_uses_it_when_asked(tmp_path):
         assert torch.equal(trained[name], expected[name]), name
     assert offload.stats.offloaded == 3 * (LAYERS - 1)
     assert offload.checkpoint_fn.keywords == {"use_reentrant": False}
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_inputs_leave_the_gpu_and_gradients_are_exact():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def build():
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=4, vocab_size=VOCAB)
+        model = peft.get_peft_model(LlamaForCausalLM(config).cuda(), peft.LoraConfig(r=8, lora_dropout=0.1,
+                                                                                    target_modules="all-linear"))
+        model.train()
+        return model
+
+    ids = torch.randint(0, VOCAB, (2, 512), device="cuda")  # layer inputs of 4 MiB: above the 1 MiB threshold
+    input_bytes = 2 * 512 * 1024 * 4
+    allocated, grads = [], []
+    for offload in (None, OffloadedCheckpointing()):
+        model = build()
+        if offload is None:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            offload.install(model)
+        torch.manual_seed(5)
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        torch.empty(1, device="cuda")  # lets the allocator take back blocks whose copies are done
+        allocated.append(torch.cuda.memory_allocated() - before)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        del model, loss
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+    assert (offload.stats.offloaded, offload.stats.prefetched, offload.stats.on_device) == (3, 3, 1)
+    assert allocated[0] - allocated[1] >= 2 * input_bytes, allocated
