@@ -216,6 +216,19 @@ def test_generation_and_saving_adapters(tmp_path):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_a_patched_model_saves_under_its_own_architecture(tmp_path):
+    """The swapped model classes keep the original name: save_pretrained writes it into config.architectures."""
+    import json
+
+    from transformers import LlamaForCausalLM
+
+    model = _llama()
+    fastlora.patch(model, checkpointing="offload")  # two class swaps: the fused loss, then the checkpointing
+    assert type(model) is not LlamaForCausalLM and type(model).__mro__[2] is LlamaForCausalLM
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
 def _tiny(model_type):
     import transformers
 

@@ -34,6 +34,7 @@ def offload_class(cls: type) -> type:
                 kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
             return cls._set_gradient_checkpointing(self, enable=enable, **kwargs)
 
+        # The original name: save_pretrained writes the class name into config.architectures.
         _CLASSES[cls] = type(cls.__name__, (cls,), {
             "_set_gradient_checkpointing": _set_gradient_checkpointing, "_fastlora_original": cls,
             "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})

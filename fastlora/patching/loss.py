@@ -50,9 +50,10 @@ def fused_class(cls: type, family: Family) -> type:
     """The subclass of a ``*ForCausalLM`` class whose training forward with labels never makes the logits."""
     key = (cls, family)
     if key not in _FUSED:
-        _FUSED[key] = type(f"FastLoRA{cls.__name__}", (cls,), {
-            "forward": _fused_forward(cls.forward, family), "_fastlora_original": cls, "__module__": __name__,
-            "__doc__": cls.__doc__})
+        # The original name: save_pretrained writes the class name into config.architectures.
+        _FUSED[key] = type(cls.__name__, (cls,), {
+            "forward": _fused_forward(cls.forward, family), "_fastlora_original": cls, "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
     return _FUSED[key]
 
 
