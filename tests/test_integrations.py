@@ -1,0 +1,75 @@
+"""FastLoRACallback: an HF Trainer patches its model when it is made, and trains as the unpatched one."""
+
+import logging
+import types
+
+import pytest
+import torch
+
+from fastlora.integrations import FastLoRACallback
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 101
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                                                                          target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def _rows(n=8):
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(0, VOCAB, (9,), generator=g)
+        labels = ids.clone()
+        labels[: i % 5] = -100  # micro-batches with different numbers of counted tokens
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def _train(model, tmp_path, callbacks=()):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=1e-2, save_strategy="no", report_to=[],
+                             use_cpu=True, activation_checkpointing=True, seed=3, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=_rows(), callbacks=list(callbacks))
+    trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_trainer_with_the_callback_trains_like_the_unpatched_model(tmp_path):
+    """Gradient accumulation with uneven label counts: the patched loss must get num_items_in_batch."""
+    expected = _train(_model(), tmp_path)
+    callback = FastLoRACallback(checkpointing="offload")
+    model = _model()
+    got = _train(model, tmp_path, [callback])
+    kinds = " ".join(what for _, what in callback.report.patched)
+    assert "lora_linear" in kinds and "fused_linear" in kinds and "offloaded" in kinds
+    assert got.keys() == expected.keys() and got
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    from fastlora import OffloadedCheckpointing
+
+    layer = model.get_base_model().model.layers[0]
+    assert isinstance(layer._gradient_checkpointing_func, OffloadedCheckpointing)
+
+
+def test_trl_chunked_loss_is_reported(caplog):
+    model = _model()
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        FastLoRACallback().on_init_end(types.SimpleNamespace(loss_type="chunked_nll"), None, None, model=model)
+    assert any("loss_type='nll'" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="no model"):
+        FastLoRACallback().on_init_end(types.SimpleNamespace(), None, None, model=None)
