@@ -71,7 +71,8 @@ def test_peft_llama_patched_equals_unpatched(checkpointing, loss):
     ids, labels = _batch()
     before = _step(model, ids, labels)
     report = fastlora.patch(model, loss=loss)
-    assert len(report.patched) == 2 * 7 + {"fused_linear": 2, "logits": 1, None: 0}[loss]
+    # 7 LoRA layers and one q/k/v attention per decoder layer, and the loss.
+    assert len(report.patched) == 2 * 8 + {"fused_linear": 2, "logits": 1, None: 0}[loss]
     patched = _step(model, ids, labels)
     assert (patched[0] is None) == (loss == "fused_linear")  # no logits made when the loss is fused
     _same(patched, before)
@@ -99,14 +100,17 @@ def test_num_items_in_batch_reaches_the_loss():
 
 def test_patched_layers_really_take_the_fused_path(monkeypatch):
     import fastlora.patching.lora_layers as layers
+    import fastlora.patching.qkv as qkv
 
     calls = []
-    real = layers.lora_linear
-    monkeypatch.setattr(layers, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for module, name in ((layers, "lora_linear"), (qkv, "lora_qkv")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     model = _peft(_llama())
     fastlora.patch(model)
     model(input_ids=_batch()[0])
-    assert len(calls) == 14
+    # Per decoder layer: q, k and v in one lora_qkv; o, gate, up and down one lora_linear each.
+    assert sorted(calls) == ["lora_linear"] * 8 + ["lora_qkv"] * 2
 
 
 def test_patching_twice_changes_nothing_and_unpatch():
@@ -345,6 +349,28 @@ def test_four_bit_merge_unmerge_installs_new_weights_that_the_patch_reads():
     torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_family_takes_q_k_v_from_one_lora_qkv(model_type, monkeypatch):
+    """The attention's projection layers return what lora_qkv made for them, rather than computing again."""
+    import fastlora.patching.lora_layers as layers
+    import fastlora.patching.qkv as qkv
+
+    calls = []
+    for module, name in ((layers, "lora_linear"), (qkv, "lora_qkv")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    model = _peft(_tiny(model_type))
+    model.train()
+    ids, labels = _batch()
+    before = _step(model, ids, labels)
+    fastlora.patch(model, rope=False, mlp=False)
+    calls.clear()
+    _same(_step(model, ids, labels), before)
+    fused = model_type != "phi3"  # Phi3's qkv_proj is one layer already
+    # One decoder layer: q, k, v (or Phi3's qkv), o, gate, up (or gate_up) and down.
+    assert sorted(calls) == ["lora_linear"] * 4 + ["lora_qkv"] * fused
+
+
 @pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "nf4"])
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_every_family_peft_everything_patched(model_type, four_bit):
@@ -361,6 +387,10 @@ def test_every_family_peft_everything_patched(model_type, four_bit):
     report = fastlora.patch(model, backend="torch")
     kinds = " ".join(what for _, what in report.patched)
     assert "lora_linear" in kinds and "apply_rope" in kinds and "lora_mlp" in kinds and "fused_linear" in kinds
+    if model_type == "phi3":
+        assert ("model.layers.0.self_attn", "q/k/v: qkv_proj is already one projection") in report.skipped
+    else:
+        assert "lora_qkv" in kinds
     _same(_step(model, ids, labels), before, atol=2e-5)
     model.eval()
     prompt = ids[:, :4]

@@ -13,6 +13,7 @@ import torch
 from ..dispatch import use_backend
 from ..ops.lora import lora_linear
 from .peft_lora import UnsupportedLoRA, lora_args
+from .qkv import lent_output
 
 _FAST: dict[type, type] = {}
 
@@ -21,6 +22,9 @@ def _forward(self: torch.nn.Module, x: torch.Tensor, *args: object, **kwargs: ob
     original = type(self)._fastlora_original
     if args or kwargs:  # adapter_names (mixed batches) and anything else only PEFT's forward knows
         return original.forward(self, x, *args, **kwargs)
+    lent = lent_output(self, x)  # made for this layer by its attention's lora_qkv (see .qkv)
+    if lent is not None:
+        return lent
     try:
         a = lora_args(self)
     except UnsupportedLoRA:
@@ -36,7 +40,8 @@ def fast_class(cls: type) -> type:
     """The fused-path subclass of a PEFT LoRA layer class (made once per class)."""
     if cls not in _FAST:
         _FAST[cls] = type(f"FastLoRA{cls.__name__}", (cls,), {
-            "forward": _forward, "_fastlora_original": cls, "__module__": __name__, "__doc__": cls.__doc__})
+            "forward": _forward, "_fastlora_original": cls, "_fastlora_lora_linear": True, "__module__": __name__,
+            "__doc__": cls.__doc__})
     return _FAST[cls]
 
 

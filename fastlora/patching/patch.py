@@ -10,6 +10,8 @@ reason.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..checkpointing import OffloadedCheckpointing
@@ -20,6 +22,7 @@ from .lora_layers import fast_class, lora_layer_classes
 from .loss import causal_lm_loss, fused_class
 from .mlp import ACTIVATIONS, fast_mlp_class, projections
 from .peft_lora import UnsupportedLoRA, lora_args
+from .qkv import fast_qkv_class, qkv_arguments
 from .report import PatchReport
 from .rope import fast_attention_class, install_trampoline, rope_worth_it
 
@@ -46,7 +49,8 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
         model: a ``*ForCausalLM`` of a supported family (see :data:`fastlora.patching.families.FAMILIES`), or a
             ``PeftModel`` wrapping one.
         lora: put PEFT's LoRA linear layers on :func:`fastlora.lora_linear` (layers it cannot serve, such as DoRA,
-            keep PEFT's forward and are listed with the reason).
+            keep PEFT's forward and are listed with the reason), and an attention's q, k and v projections, when
+            all three are plain LoRA layers, on one :func:`fastlora.lora_qkv`.
         loss: ``"fused_linear"`` (training with labels never makes the logits; the output's ``logits`` is then
             None), ``"logits"`` (fastlora's cross-entropy on the logits) or None (transformers' loss).
         rope: rotate q and k with :func:`fastlora.apply_rope` (left alone on a CPU unless a backend is forced:
@@ -87,6 +91,7 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
     report = PatchReport(family.model_type, options=options)
     if lora:
         _patch_lora_layers(hf, report, forced)
+        _patch_qkv(hf, family, report, forced)
     if loss is not None:
         _patch_loss(hf, family, loss, report)
     if rope:
@@ -138,6 +143,28 @@ def _patch_lora_layers(hf: torch.nn.Module, report: PatchReport, backend: Backen
                           _fastlora_backend=backend)
 
 
+def _modules(hf: torch.nn.Module, family: Family, suffix: str) -> Iterator[tuple[str, torch.nn.Module, str]]:
+    """(name, module, transformers class name) of the family's modules whose transformers class name ends with
+    ``suffix`` (``Attention``, ``MLP``), also when an earlier patch already swapped their class for a subclass."""
+    for name, module in hf.named_modules():
+        cls = next((c for c in type(module).__mro__ if c.__module__ == family.modeling), None)
+        if cls is not None and cls.__name__.endswith(suffix):
+            yield name, module, cls.__name__
+
+
+def _patch_qkv(hf: torch.nn.Module, family: Family, report: PatchReport, backend: Backend | str | None) -> None:
+    for name, module, cls_name in _modules(hf, family, "Attention"):
+        if not any(hasattr(getattr(module, proj, None), "lora_A") for proj in family.qkv):
+            continue  # no LoRA on the attention: nothing to fuse, nothing to report
+        try:
+            qkv_arguments(module, family)
+        except UnsupportedLoRA as e:
+            report.skip(name, f"q/k/v: {e}")
+            continue
+        report.swap_class(name, f"{cls_name}: {'/'.join(family.qkv)} -> fastlora.lora_qkv", module,
+                          fast_qkv_class(type(module), family), _fastlora_backend=backend)
+
+
 def _patch_loss(hf: torch.nn.Module, family: Family, loss: str, report: PatchReport) -> None:
     if not isinstance(getattr(hf, "lm_head", None), torch.nn.Module):
         report.skip("loss", f"{type(hf).__name__} has no lm_head: not a causal LM")
@@ -163,11 +190,9 @@ def _patch_rope(hf: torch.nn.Module, family: Family, report: PatchReport, backen
         report.skip("rope", why_not)
         return
     install_trampoline(family.modeling)
-    for name, module in hf.named_modules():
-        cls = type(module)
-        if cls.__module__ == family.modeling and cls.__name__.endswith("Attention"):
-            report.swap_class(name, f"{cls.__name__}: apply_rotary_pos_emb -> fastlora.apply_rope", module,
-                              fast_attention_class(cls), _fastlora_rope_backend=backend)
+    for name, module, cls_name in _modules(hf, family, "Attention"):
+        report.swap_class(name, f"{cls_name}: apply_rotary_pos_emb -> fastlora.apply_rope", module,
+                          fast_attention_class(type(module)), _fastlora_rope_backend=backend)
 
 
 def _patch_mlp(hf: torch.nn.Module, family: Family, report: PatchReport, backend: Backend | str | None) -> None:
@@ -181,14 +206,11 @@ def _patch_mlp(hf: torch.nn.Module, family: Family, report: PatchReport, backend
     if activation is None:
         report.skip("mlp", f"activation {act_name!r} has no fused kernel")
         return
-    for name, module in hf.named_modules():
-        cls = type(module)
-        if not (cls.__module__ == family.modeling and cls.__name__.endswith("MLP")):
-            continue
+    for name, module, cls_name in _modules(hf, family, "MLP"):
         try:
             projections(module, family)
         except UnsupportedLoRA as e:
             report.skip(name, f"MLP: {e}")
             continue
-        report.swap_class(name, f"{cls.__name__} -> fastlora.lora_mlp ({activation})", module,
-                          fast_mlp_class(cls, family, activation), _fastlora_backend=backend)
+        report.swap_class(name, f"{cls_name} -> fastlora.lora_mlp ({activation})", module,
+                          fast_mlp_class(type(module), family, activation), _fastlora_backend=backend)
