@@ -122,7 +122,7 @@ class _Trainer:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        value = float(loss)  # waits for the step on a GPU
+        value = float(loss.detach())  # waits for the step on a GPU
         if timed:
             self.seconds += time.perf_counter() - start
             self.tokens += ids.numel()
