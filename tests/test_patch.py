@@ -233,10 +233,10 @@ def test_a_patched_model_saves_under_its_own_architecture(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
-def _tiny(model_type):
+def _tiny(model_type, layers=1):
     import transformers
 
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
     if model_type != "phi3":
         common["head_dim"] = 16
@@ -400,6 +400,45 @@ def test_every_family_peft_everything_patched(model_type, four_bit):
                        patched_tokens)
     model.train()
     torch.testing.assert_close(_step(model, ids, labels)[1], before[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_family_trains_thirty_steps_like_the_unpatched_model(model_type):
+    """AdamW, LoRA dropout, checkpointing: everything patched (offloading too, run on CPU tensors here) follows
+    the unpatched loss curve, both measured against an fp64 run of the unpatched model.
+
+    Over the first 10 steps rounding has not been amplified yet: the tolerance rule holds there (at most twice the
+    unpatched run's drift). Later the optimizer amplifies any rounding difference, by an amount that varies from
+    family to family (measured: the patched drift at step 30 is 0.3x-2.4x the unpatched one, both under 1e-3),
+    so the whole curve is held to 1e-3: a real fault, such as q/k/v without their dropout, moved it by 1e-2 to
+    1e-1 in the same run."""
+    from fastlora import OffloadedCheckpointing
+    from fastlora.checkpointing import enable_checkpointing
+
+    reference = _peft(_tiny(model_type, layers=2), dropout=0.05)
+    model, exact = copy.deepcopy(reference), copy.deepcopy(reference).double()
+    offload = OffloadedCheckpointing(min_offload_bytes=0, offload_device_types=("cpu",), pin_memory=False)
+    fastlora.patch(model, backend="torch", checkpointing=offload)
+    losses = {}
+    for name, m in (("unpatched", reference), ("patched", model), ("fp64", exact)):
+        enable_checkpointing(m, use_reentrant=False)
+        m.train()
+        optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for step in range(30):
+            ids, labels = _batch(seed=step % 2)  # two batches in turn: there is something to learn
+            torch.manual_seed(step)  # the dropout masks
+            loss = m(input_ids=ids, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[name].append(loss.item())
+    exact = torch.tensor(losses["fp64"], dtype=torch.float64)
+    drift = {name: (torch.tensor(losses[name], dtype=torch.float64) - exact).abs() for name in ("unpatched", "patched")}
+    assert losses["patched"][-1] < losses["patched"][0] - 0.3  # it learns
+    assert drift["patched"][:10].max() <= 2 * drift["unpatched"][:10].max() + 1e-5, drift
+    assert drift["patched"].max() <= 1e-3, drift
+    assert offload.stats.offloaded == 30 and offload.stats.on_device == 30  # layer 0's input; layer 1's stays
 
 
 def test_a_deep_copy_undoes_itself_not_the_original():
