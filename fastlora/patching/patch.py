@@ -10,7 +10,7 @@ reason.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -134,13 +134,19 @@ def _patch_lora_layers(hf: torch.nn.Module, report: PatchReport, backend: Backen
         if cls not in classes:
             report.skip(name, f"{cls.__name__}: not a plain LoRA linear layer")
             continue
-        try:
-            lora_args(module)
-        except UnsupportedLoRA as e:
-            report.skip(name, str(e))
-            continue
-        report.swap_class(name, f"{cls.__name__} -> fastlora.lora_linear", module, fast_class(cls),
-                          _fastlora_backend=backend)
+        _swap_if_supported(report, name, "", lambda m=module: lora_args(m), f"{cls.__name__} -> fastlora.lora_linear",
+                           module, fast_class(cls), backend)
+
+
+def _swap_if_supported(report: PatchReport, name: str, part: str, check: Callable[[], object], what: str,
+                       module: torch.nn.Module, new_class: type, backend: Backend | str | None) -> None:
+    """Swap ``module``'s class if ``check()`` passes; else record the UnsupportedLoRA reason (``part: reason``)."""
+    try:
+        check()
+    except UnsupportedLoRA as e:
+        report.skip(name, f"{part}: {e}" if part else str(e))
+        return
+    report.swap_class(name, what, module, new_class, _fastlora_backend=backend)
 
 
 def _modules(hf: torch.nn.Module, family: Family, suffix: str) -> Iterator[tuple[str, torch.nn.Module, str]]:
@@ -156,13 +162,9 @@ def _patch_qkv(hf: torch.nn.Module, family: Family, report: PatchReport, backend
     for name, module, cls_name in _modules(hf, family, "Attention"):
         if not any(hasattr(getattr(module, proj, None), "lora_A") for proj in family.qkv):
             continue  # no LoRA on the attention: nothing to fuse, nothing to report
-        try:
-            qkv_arguments(module, family)
-        except UnsupportedLoRA as e:
-            report.skip(name, f"q/k/v: {e}")
-            continue
-        report.swap_class(name, f"{cls_name}: {'/'.join(family.qkv)} -> fastlora.lora_qkv", module,
-                          fast_qkv_class(type(module), family), _fastlora_backend=backend)
+        _swap_if_supported(report, name, "q/k/v", lambda m=module: qkv_arguments(m, family),
+                           f"{cls_name}: {'/'.join(family.qkv)} -> fastlora.lora_qkv", module,
+                           fast_qkv_class(type(module), family), backend)
 
 
 def _patch_loss(hf: torch.nn.Module, family: Family, loss: str, report: PatchReport) -> None:
@@ -207,10 +209,6 @@ def _patch_mlp(hf: torch.nn.Module, family: Family, report: PatchReport, backend
         report.skip("mlp", f"activation {act_name!r} has no fused kernel")
         return
     for name, module, cls_name in _modules(hf, family, "MLP"):
-        try:
-            projections(module, family)
-        except UnsupportedLoRA as e:
-            report.skip(name, f"MLP: {e}")
-            continue
-        report.swap_class(name, f"{cls_name} -> fastlora.lora_mlp ({activation})", module,
-                          fast_mlp_class(type(module), family, activation), _fastlora_backend=backend)
+        _swap_if_supported(report, name, "MLP", lambda m=module: projections(m, family),
+                           f"{cls_name} -> fastlora.lora_mlp ({activation})", module,
+                           fast_mlp_class(type(module), family, activation), backend)
