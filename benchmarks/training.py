@@ -1,5 +1,7 @@
 """Whole QLoRA training steps: offloaded against in-GPU checkpointing (``fastlora bench --checkpointing``), and the
-longest context each setup trains at before running out of memory (``fastlora bench --max-context``).
+longest context each setup trains at before running out of memory (``fastlora bench --max-context``): predicted
+from a line through the peak memory measured at a few lengths, and checked by training at the lengths around it
+where one step is short enough to try (not at the 8B shape's hundreds of thousands of tokens).
 
 The model is the demo's (:func:`fastlora.demo.build_model`): Llama-architecture, random weights, NF4 base when
 bitsandbytes is installed, LoRA r=16 on every linear layer; the 8B shape on a GPU, the tiny one for ``--quick``.
@@ -14,6 +16,7 @@ Setups:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import time
@@ -125,12 +128,51 @@ def search_max(fits: Callable[[int], bool], *, start: int, limit: int, resolutio
     return lo * resolution
 
 
-def max_context(model: torch.nn.Module, setup: str, *, start: int = 4096, limit: int = 1 << 20,
-                resolution: int = 4096) -> Step | None:
-    """The longest single sequence ``setup`` trains on before the GPU runs out of memory, with the time and peak
-    memory of a step at that length; None when not even ``start`` tokens fit."""
+def fit_memory(points: list[tuple[int, int]]) -> tuple[float, float]:
+    """Least-squares line ``peak = intercept + slope * tokens`` through ``(tokens, peak bytes)`` points.
+
+    With checkpointing and flash attention every term of a step's memory grows linearly with the sequence
+    (the layer inputs, one layer's recompute, the loss's chunks or the logits), above the fixed weights.
+
+    Example:
+        >>> fit_memory([(1, 12), (2, 14), (3, 16)])
+        (10.0, 2.0)
+    """
+    if len({n for n, _ in points}) < 2:
+        raise ValueError(f"fit_memory: need peaks at two lengths at least, got {points}")
+    mean_n = sum(n for n, _ in points) / len(points)
+    mean_p = sum(p for _, p in points) / len(points)
+    slope = sum((n - mean_n) * (p - mean_p) for n, p in points) / sum((n - mean_n) ** 2 for n, _ in points)
+    return mean_p - slope * mean_n, slope
+
+
+@dataclass
+class Context:
+    """The longest context of one setup: ``predicted`` from the line through the measured peaks, and
+    ``verified`` (the longest length a search actually trained at) where a search was affordable."""
+
+    setup: str
+    steps: list[Step]
+    capacity: int
+    predicted: int
+    verified: Step | None
+
+
+def max_context(model: torch.nn.Module, setup: str, *, lengths: tuple[int, ...] = (4096, 8192, 16384),
+                verify_below: int = 65536, resolution: int = 1024) -> Context:
+    """Measure ``setup``'s peak memory at ``lengths``, predict the longest sequence that fits the GPU (the memory
+    the allocator can have: free now plus what it holds), and, when the prediction is under ``verify_below``
+    tokens, search for it by training at each probed length until out of memory. Longer contexts are only
+    predicted: one step over a few hundred thousand tokens of an 8B model runs for many minutes."""
     configure(model, setup)
     device = next(model.parameters()).device
+    steps = [measure_step(model, setup, n, reps=1) for n in lengths]
+    intercept, slope = fit_memory([(step.tokens, step.peak_bytes) for step in steps])
+    gc.collect()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    capacity = free + torch.cuda.memory_reserved(device)
+    predicted = max(0, int((capacity - intercept) / slope)) // resolution * resolution
 
     def fits(tokens: int) -> bool:
         try:
@@ -144,8 +186,12 @@ def max_context(model: torch.nn.Module, setup: str, *, start: int = 4096, limit:
             gc.collect()
             torch.cuda.empty_cache()
 
-    best = search_max(fits, start=start, limit=limit, resolution=resolution)
-    return measure_step(model, setup, best, reps=1) if best else None
+    verified = None
+    if predicted < verify_below:
+        start = lengths[0] // resolution * resolution
+        best = search_max(fits, start=start, limit=2 * verify_below, resolution=resolution)
+        verified = measure_step(model, setup, best, reps=1) if best else None
+    return Context(setup, steps, capacity, predicted, verified)
 
 
 def to_result(step: Step, suite: str, shape: str, dtype: torch.dtype, *, metric: str) -> Result:
@@ -195,11 +241,16 @@ def run(device: torch.device, *, checkpointing: bool, max_ctx: bool, quick: bool
                 f"{offload.timing.median_ms / base.timing.median_ms:.3f}{peak}")
     if max_ctx:
         for setup in SETUPS:
-            step = max_context(model, setup)
-            if step is None:
-                out(f"max context {setup:>16}: not even 4096 tokens fit")
-                continue
-            results.append(to_result(step, "max_context", shape, dtype, metric="tokens"))
-            out(f"max context {setup:>16}: {step.tokens:,} tokens (a step there: {step.timing.median_ms / 1e3:.1f} s, "
-                f"peak {step.peak_bytes / 2**30:.2f} GiB)")
+            ctx = max_context(model, setup)
+            peaks = ", ".join(f"{s.tokens // 1024}K: {s.peak_bytes / 2**30:.2f} GiB" for s in ctx.steps)
+            out(f"max context {setup:>16}: predicted {ctx.predicted:,} tokens from the peaks ({peaks}; "
+                f"{ctx.capacity / 2**30:.1f} GiB to fill)")
+            # The row's time and peak are those of the longest measured step; its value is the prediction.
+            results.append(dataclasses.replace(
+                to_result(ctx.steps[-1], "max_context", shape, dtype, metric="tokens"), achieved=float(ctx.predicted),
+                shape=f"{shape} predicted from peaks at {'/'.join(str(s.tokens) for s in ctx.steps)}"))
+            if ctx.verified is not None:
+                results.append(dataclasses.replace(
+                    to_result(ctx.verified, "max_context", shape, dtype, metric="tokens"), shape=f"{shape} trained"))
+                out(f"max context {setup:>16}: trained at {ctx.verified.tokens:,} tokens, not beyond")
     return results

@@ -3,7 +3,7 @@
 import pytest
 
 from fastlora.benchmarks import cli
-from fastlora.benchmarks.training import search_max
+from fastlora.benchmarks.training import fit_memory, search_max
 
 
 @pytest.mark.parametrize("threshold", [4096, 4097, 5000, 8191, 65536, 1 << 20])
@@ -25,6 +25,14 @@ def test_search_max_edges():
         search_max(lambda n: True, start=1000, limit=8192, resolution=1024)
 
 
+def test_fit_memory():
+    intercept, slope = fit_memory([(4096, 10 * 2**30 + 4096 * 300_000), (8192, 10 * 2**30 + 8192 * 300_000),
+                                   (16384, 10 * 2**30 + 16384 * 300_000)])
+    assert abs(intercept - 10 * 2**30) < 1 and abs(slope - 300_000) < 1e-6
+    with pytest.raises(ValueError, match="two lengths"):
+        fit_memory([(4096, 1), (4096, 2)])
+
+
 def test_bench_checkpointing_quick_on_cpu(capsys):
     assert cli.main(["--checkpointing", "--quick", "--no-save", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -34,3 +42,30 @@ def test_bench_checkpointing_quick_on_cpu(capsys):
 def test_bench_max_context_needs_a_gpu(capsys):
     assert cli.main(["--max-context", "--device", "cpu"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_max_context_predicts_from_the_peaks_and_verifies_short_ones(monkeypatch):
+    """The orchestration, with a simulated GPU: peaks of 1 GB + 100 kB a token, 4 GB to fill."""
+    import torch
+
+    from fastlora.benchmarks import training
+    from fastlora.benchmarks.timing import Timing
+
+    def peak(n):
+        return 10**9 + 100_000 * n
+
+    def step(model, tokens, seed=0):
+        if peak(tokens) > 4 * 10**9:
+            raise torch.OutOfMemoryError("simulated")
+        return torch.tensor(0.0)
+
+    monkeypatch.setattr(training, "configure", lambda model, setup: None)
+    monkeypatch.setattr(training, "train_step", step)
+    monkeypatch.setattr(training, "measure_step",
+                        lambda model, setup, n, reps=1: training.Step(setup, n, Timing(1.0, 1.0, 1.0, 1), peak(n), 0.0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 10**9, 8 * 10**9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    ctx = training.max_context(torch.nn.Linear(2, 2), "hf")
+    assert ctx.predicted == 30_000 // 1024 * 1024 and ctx.verified.tokens == ctx.predicted
+    long = training.max_context(torch.nn.Linear(2, 2), "hf", verify_below=16384)
+    assert long.predicted == ctx.predicted and long.verified is None  # too long to try: predicted only
