@@ -249,7 +249,7 @@ class OffloadedCheckpointing:
         return self._streams[device][which]
 
 
-def enable_checkpointing(model: torch.nn.Module, **checkpoint_kwargs: Any) -> None:
+def enable_checkpointing(model: torch.nn.Module, *, every_n_layers: int = 1, **checkpoint_kwargs: Any) -> None:
     """Turn on a transformers model's gradient checkpointing with torch's checkpoint and ``checkpoint_kwargs``
     (``use_reentrant=False`` unless given), through ``activation_checkpointing_enable`` where transformers has it
     and the older ``gradient_checkpointing_enable`` (transformers 5.17 and before) where it does not.
@@ -260,6 +260,20 @@ def enable_checkpointing(model: torch.nn.Module, **checkpoint_kwargs: Any) -> No
     kwargs = {"use_reentrant": False, **checkpoint_kwargs}
     enable = getattr(model, "activation_checkpointing_enable", None)
     if callable(enable):
-        enable(kwargs)
+        enable(kwargs, every_n_layers=every_n_layers)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers)
+
+
+def trainer_checkpointing_args(**checkpoint_kwargs: Any) -> dict[str, Any]:
+    """``TrainingArguments`` keywords that turn checkpointing on with ``checkpoint_kwargs``, under the names of
+    the installed transformers (``activation_checkpointing``, or ``gradient_checkpointing`` before it).
+
+    Example:
+        >>> TrainingArguments(output_dir="out", **trainer_checkpointing_args(use_reentrant=False))
+    """
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False, **checkpoint_kwargs}}

@@ -9,6 +9,7 @@ import torch
 
 import fastlora
 from fastlora import OffloadedCheckpointing
+from fastlora.checkpointing import enable_checkpointing, trainer_checkpointing_args
 from fastlora.testing import nf4_decoder
 
 peft = pytest.importorskip("peft")
@@ -73,7 +74,7 @@ def test_gradients_equal_checkpointing_without_offload(use_reentrant, four_bit):
     """PEFT with LoRA dropout, two accumulated micro-batches: bit-identical to torch's checkpoint."""
     batches = _batches()
     reference = _model(four_bit=four_bit)
-    reference.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    enable_checkpointing(reference, use_reentrant=use_reentrant)
     expected = _train_grads(reference, batches)
 
     model = _model(four_bit=four_bit)
@@ -104,7 +105,7 @@ def test_two_graphs_alive_at_once():
     backward then fetches (no prefetch for it); gradients still exact."""
     batches = _batches()
     reference = _model()
-    reference.activation_checkpointing_enable({"use_reentrant": False})
+    enable_checkpointing(reference, use_reentrant=False)
     model = _model()
     offload = _offload()
     offload.install(model)
@@ -189,7 +190,7 @@ def test_patch_switches_checkpointing_on_now_and_later_and_undo_restores_torch_c
     assert any(name == "checkpointing" for name, _ in report.patched)
     layers = list(hf.model.layers)
     assert not any(layer.gradient_checkpointing for layer in layers)  # not on yet: patch does not turn it on
-    model.activation_checkpointing_enable({"use_reentrant": True})
+    enable_checkpointing(model, use_reentrant=True)
     assert all(layer._gradient_checkpointing_func is offload for layer in layers)
     assert offload.checkpoint_fn.keywords == {"use_reentrant": True}  # what transformers was asked for
     _train_grads(model, _batches(1))
@@ -202,7 +203,7 @@ def test_patch_switches_checkpointing_on_now_and_later_and_undo_restores_torch_c
 
 def test_patch_switches_over_checkpointing_that_is_already_on():
     model = _model()
-    model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=2)
+    enable_checkpointing(model, use_reentrant=False, every_n_layers=2)
     layers = list(model.get_base_model().model.layers)
     on = [layer.gradient_checkpointing for layer in layers]
     assert on == [True, False, True]
@@ -232,8 +233,7 @@ def test_hf_trainer_uses_it_when_asked(tmp_path):
     def train(model):
         args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
                                  learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
-                                 use_cpu=True, activation_checkpointing=True,
-                                 activation_checkpointing_kwargs={"use_reentrant": False}, seed=3,
+                                 use_cpu=True, **trainer_checkpointing_args(use_reentrant=False), seed=3,
                                  dataloader_num_workers=0)
         Trainer(model=model, args=args, train_dataset=rows).train()
         return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
@@ -270,7 +270,7 @@ def test_on_a_gpu_inputs_leave_the_gpu_and_gradients_are_exact():
     for offload in (None, OffloadedCheckpointing()):
         model = build()
         if offload is None:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(model, use_reentrant=False)
         else:
             offload.install(model)
         torch.manual_seed(5)

@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 
+from fastlora.checkpointing import trainer_checkpointing_args
 from fastlora.integrations import FastLoRACallback
 
 peft = pytest.importorskip("peft")
@@ -43,7 +44,7 @@ def _train(model, tmp_path, callbacks=()):
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, learning_rate=1e-2, save_strategy="no", report_to=[],
-                             use_cpu=True, activation_checkpointing=True, seed=3, dataloader_num_workers=0)
+                             use_cpu=True, **trainer_checkpointing_args(), seed=3, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=_rows(), callbacks=list(callbacks))
     trainer.train()
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}

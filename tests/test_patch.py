@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastlora
+from fastlora.checkpointing import enable_checkpointing
 from fastlora.patching import FAMILIES
 from fastlora.testing import nf4_decoder
 
@@ -64,7 +65,7 @@ def _same(a, b, rtol=1e-5, atol=1e-5):
 def test_peft_llama_patched_equals_unpatched(checkpointing, loss):
     model = _peft(_llama())
     if checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": checkpointing == "reentrant"})
+        enable_checkpointing(model, use_reentrant=checkpointing == "reentrant")
         model.enable_input_require_grads()
         assert model.get_base_model().model.layers[0].gradient_checkpointing
     model.train()
@@ -380,7 +381,7 @@ def test_every_family_peft_everything_patched(model_type, four_bit):
     if four_bit:
         base = _four_bit(base)
     model = _peft(base)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    enable_checkpointing(model, use_reentrant=False)
     model.train()
     ids, labels = _batch()
     before = _step(model, ids, labels)
@@ -413,7 +414,6 @@ def test_every_family_trains_thirty_steps_like_the_unpatched_model(model_type):
     so the whole curve is held to 1e-3: a real fault, such as q/k/v without their dropout, moved it by 1e-2 to
     1e-1 in the same run."""
     from fastlora import OffloadedCheckpointing
-    from fastlora.checkpointing import enable_checkpointing
 
     reference = _peft(_tiny(model_type, layers=2), dropout=0.05)
     model, exact = copy.deepcopy(reference), copy.deepcopy(reference).double()
