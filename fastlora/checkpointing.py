@@ -14,7 +14,8 @@ On a CUDA device:
   never copied: it is the last layer's, which the backward needs first.
 - in the backward, when a layer's input is taken back, the input saved before it is already being copied to the
   GPU on another stream while this layer recomputes (double buffering).
-- pinned memory that cannot be allocated is replaced by pageable memory, with one warning, not an error.
+- pinned memory that cannot be allocated is replaced by pageable memory, with one warning, not an error; a
+  prefetch that finds no device memory is skipped (the backward then fetches that input when it needs it).
 
 Tensors on other devices, and tensors smaller than ``min_offload_bytes``, stay where they are; on a CPU this is
 plain checkpointing. The RNG state is restored for the recompute by torch's checkpoint (``preserve_rng_state``),
@@ -36,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger("fastlora.checkpointing")
 
 _DEVICE_TYPES = ("cuda", "cpu")
+_RUNTIME = ("_newest", "_streams", "_pinned_failed", "_prefetch_failed")
 
 
 @dataclass
@@ -122,10 +124,11 @@ class OffloadedCheckpointing:
         self._newest: weakref.ref | None = None
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self._pinned_failed = False
+        self._prefetch_failed = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Streams and weak references belong to this process and this model's graphs: a copy starts afresh.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_newest", "_streams", "_pinned_failed")}
+        return {k: v for k, v in self.__dict__.items() if k not in _RUNTIME}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -207,14 +210,22 @@ class OffloadedCheckpointing:
         self.stats.offloaded_bytes += host.nbytes
 
     def _prefetch(self, saved: _Saved) -> None:
-        if saved.device.type == "cuda":
-            stream = self._stream(saved.device, 1)
-            stream.wait_event(saved.copied)
-            with torch.cuda.stream(stream):
-                tensor = saved.host.to(saved.device, non_blocking=True)
-            saved.prefetched = (tensor, stream.record_event())
-        else:
-            saved.prefetched = (saved.host.clone(), None)
+        # The prefetch holds one more layer input on the device than the backward needs at this moment: where
+        # that does not fit, the backward fetches it when it needs it instead of failing with out of memory.
+        try:
+            if saved.device.type == "cuda":
+                stream = self._stream(saved.device, 1)
+                stream.wait_event(saved.copied)
+                with torch.cuda.stream(stream):
+                    tensor = self._to_device(saved)
+                saved.prefetched = (tensor, stream.record_event())
+            else:
+                saved.prefetched = (self._to_device(saved), None)
+        except torch.OutOfMemoryError:
+            if not self._prefetch_failed:
+                logger.warning("OffloadedCheckpointing: no device memory to prefetch a layer input; fetching "
+                               "inputs when the backward needs them where this happens")
+            self._prefetch_failed = True
 
     def _fetch(self, saved: _Saved) -> torch.Tensor:
         if saved.prefetched is not None:
@@ -229,6 +240,11 @@ class OffloadedCheckpointing:
         self.stats.fetched += 1
         if saved.device.type == "cuda":
             torch.cuda.current_stream(saved.device).wait_event(saved.copied)
+        return self._to_device(saved)
+
+    def _to_device(self, saved: _Saved) -> torch.Tensor:
+        """A new device tensor with the host copy's values, on the current stream."""
+        if saved.device.type == "cuda":
             return saved.host.to(saved.device, non_blocking=True)
         return saved.host.clone()
 

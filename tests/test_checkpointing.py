@@ -153,6 +153,29 @@ def test_pinned_memory_failure_falls_back_with_one_warning(monkeypatch, caplog):
     assert offload.stats.offloaded == 2 * (LAYERS - 1)
 
 
+def test_a_prefetch_without_device_memory_is_skipped_not_an_error(monkeypatch, caplog):
+    model = _model()
+    offload = _offload()
+    offload.install(model)
+    real = OffloadedCheckpointing._to_device
+    calls = []
+
+    def first_one_fails(self, saved):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, saved)
+
+    monkeypatch.setattr(OffloadedCheckpointing, "_to_device", first_one_fails)
+    batches = _batches()
+    reference = _model()
+    enable_checkpointing(reference, use_reentrant=False)
+    with caplog.at_level(logging.WARNING, logger="fastlora.checkpointing"):
+        _assert_equal(_train_grads(model, batches), _train_grads(reference, batches))
+    assert sum("prefetch" in r.getMessage() for r in caplog.records) == 1
+    assert (offload.stats.prefetched, offload.stats.fetched) == (2 * (LAYERS - 1) - 1, 1)
+
+
 def test_an_input_modified_in_place_is_an_error_not_a_wrong_gradient():
     weight = torch.randn(4, 4, requires_grad=True)
     offload = _offload()
