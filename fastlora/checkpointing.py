@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 logger = logging.getLogger("fastlora.checkpointing")
 
 _DEVICE_TYPES = ("cuda", "cpu")
-_RUNTIME = ("_newest", "_streams", "_pinned_failed", "_prefetch_failed")
+_RUNTIME = ("_newest", "_streams", "_pinned_failed", "_prefetch_failed", "_owner")
 
 
 @dataclass
@@ -125,6 +125,7 @@ class OffloadedCheckpointing:
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
         self._pinned_failed = False
         self._prefetch_failed = False
+        self._owner: weakref.ref | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Streams and weak references belong to this process and this model's graphs: a copy starts afresh.
@@ -157,11 +158,31 @@ class OffloadedCheckpointing:
         if not callable(setter) or not getattr(model, "supports_gradient_checkpointing", True):
             raise TypeError(f"OffloadedCheckpointing.install: {type(model).__name__} is not a transformers model "
                             "that supports gradient checkpointing")
+        self.bind(model)
         setter(enable=True, gradient_checkpointing_func=self)
         # As transformers does when it turns checkpointing on: frozen embeddings (PEFT) must still hand the
         # layers an input that requires grad, or the reentrant checkpoint computes no gradient.
         if getattr(model, "main_input_name", None) == "input_ids" or getattr(model, "_hf_peft_config_loaded", False):
             model.enable_input_require_grads()
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """Make ``model`` (or the transformers model inside a PeftModel) this object's owner; :meth:`install` and
+        ``fastlora.patch`` do it.
+
+        Raises:
+            ValueError: the object already belongs to another live model (its saved inputs would chain across
+                both models' steps): make one per model.
+
+        Example:
+            >>> offload.bind(model)
+        """
+        get_base = getattr(model, "get_base_model", None)
+        model = get_base() if callable(get_base) else model
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and owner is not model:
+            raise ValueError(f"OffloadedCheckpointing: this object belongs to another model ({type(owner).__name__} "
+                             "at 0x%x); make one OffloadedCheckpointing per model" % id(owner))
+        self._owner = weakref.ref(model)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor | _Saved:
         if tensor.device.type not in self.offload_device_types or tensor.nbytes < self.min_offload_bytes:

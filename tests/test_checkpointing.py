@@ -196,6 +196,20 @@ def test_only_the_checkpoint_inputs_are_offloaded():
         assert offload.stats.offloaded + offload.stats.on_device == LAYERS
 
 
+def test_one_object_per_model():
+    first, second = _model(), _model()
+    offload = _offload()
+    offload.install(first)
+    offload.install(first)  # again on its own model: fine
+    with pytest.raises(ValueError, match="belongs to another model"):
+        offload.install(second)
+    with pytest.raises(ValueError, match="belongs to another model"):
+        fastlora.patch(second, checkpointing=offload)
+    assert all("FastLoRA" not in type(m).__name__ for m in second.modules())  # nothing changed
+    assert "_fastlora_patch" not in second.get_base_model().__dict__
+    copy.deepcopy(first)  # a copy's object starts without an owner, and the copy takes it
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="min_offload_bytes"):
         OffloadedCheckpointing(min_offload_bytes=-1)

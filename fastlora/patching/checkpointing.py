@@ -61,6 +61,7 @@ def patch_checkpointing(hf: torch.nn.Module, offload: OffloadedCheckpointing, re
             not callable(getattr(hf, "_set_gradient_checkpointing", None)):
         report.skip("checkpointing", f"{type(hf).__name__} does not support gradient checkpointing")
         return
+    offload.bind(hf)
     report.swap_class("checkpointing", "layer inputs offloaded to CPU memory (fastlora.OffloadedCheckpointing)",
                       hf, offload_class(type(hf)), **{_ATTR: offload})
     report.add_change(RestoreCheckpointFunction(hf, offload))

@@ -88,6 +88,9 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
             raise ValueError(f"fastlora.patch: this model is already patched with other options ({', '.join(changed)}"
                              "); call fastlora.unpatch(model) first")
         return existing
+    offload = OffloadedCheckpointing() if checkpointing == "offload" else checkpointing
+    if offload is not None:
+        offload.bind(hf)  # an object that belongs to another model is refused before anything changes
     report = PatchReport(family.model_type, options=options)
     if lora:
         _patch_lora_layers(hf, report, forced)
@@ -98,8 +101,7 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
         _patch_rope(hf, family, report, forced)
     if mlp:
         _patch_mlp(hf, family, report, forced)
-    if checkpointing is not None:
-        offload = OffloadedCheckpointing() if checkpointing == "offload" else checkpointing
+    if offload is not None:
         patch_checkpointing(hf, offload, report)
     report.set_attr(None, "", hf, _ATTR, report)
     return report
