@@ -10,30 +10,35 @@ import triton.language as tl
 
 from ._utils import NF4_CODE
 
-# Output elements per program: 512 packed bytes, loaded as wide contiguous vectors.
+# Output elements per program: 512 packed bytes, 4 to a thread in one load; 8 outputs to a thread in one store.
 _BLOCK = 1024
 
 
 @triton.jit
-def nf4_dequantize_fwd_kernel(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_out, numel,
+def nf4_dequantize_fwd_kernel(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_out, numel, n_bytes,
                               NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
-    HALF: tl.constexpr = BLOCK // 2
+    ROWS: tl.constexpr = BLOCK // 8
     i_b = tl.program_id(0).to(tl.int64)  # int64: an 8B model's largest layer alone has 2**29 bytes
-    o_byte = i_b * HALF + tl.arange(0, HALF)  # [HALF]
-    m_byte = o_byte < (numel + 1) // 2
-    b_byte = tl.load(p_data + o_byte, mask=m_byte, other=0).to(tl.int32)  # [HALF]
-    # Blocksizes are even, so both elements of a byte share their absmax block.
-    o_blk = o_byte // (BLOCKSIZE // 2)  # [HALF]
+    # Four packed bytes (8 elements) a row: every blocksize bitsandbytes allows (>= 32) keeps a row inside one
+    # absmax block, so the scale is decoded once a row rather than once a byte.
+    o_row = i_b * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    o_byte = o_row[:, None] * 4 + tl.arange(0, 4)[None, :]  # [ROWS, 4]
+    # n_bytes comes from the host rather than (numel + 1) // 2: as an argument it is specialised as divisible by
+    # 16 when it is, so that the mask does not stop a row's bytes being loaded in one 32-bit load.
+    m_byte = o_byte < n_bytes
+    m_row = o_row * 4 < n_bytes  # [ROWS]
+    b_byte = tl.load(p_data + o_byte, mask=m_byte, other=0).to(tl.int32)  # [ROWS, 4]
+    o_blk = o_row // (BLOCKSIZE // 8)  # [ROWS]
     if NESTED:
-        b_q = tl.load(p_absmax + o_blk, mask=m_byte, other=0).to(tl.int32)
-        b_code = tl.load(p_code2 + b_q, mask=m_byte, other=0.0)
-        b_scale2 = tl.load(p_absmax2 + o_blk // 256, mask=m_byte, other=0.0)
+        b_q = tl.load(p_absmax + o_blk, mask=m_row, other=0).to(tl.int32)
+        b_code = tl.load(p_code2 + b_q, mask=m_row, other=0.0)
+        b_scale2 = tl.load(p_absmax2 + o_blk // 256, mask=m_row, other=0.0)
         # Multiply, round, add, round: the launcher turns fp fusion off so this stays bitsandbytes' arithmetic.
-        b_scale = b_code * b_scale2 + tl.load(p_offset)
+        b_scale = b_code * b_scale2 + tl.load(p_offset)  # [ROWS]
     else:
-        b_scale = tl.load(p_absmax + o_blk, mask=m_byte, other=0.0)
-    b_hi = tl.load(p_nf4 + (b_byte >> 4)) * b_scale  # [HALF] even elements
-    b_lo = tl.load(p_nf4 + (b_byte & 0xF)) * b_scale  # [HALF] odd elements
+        b_scale = tl.load(p_absmax + o_blk, mask=m_row, other=0.0)  # [ROWS]
+    b_hi = tl.load(p_nf4 + (b_byte >> 4)) * b_scale[:, None]  # [ROWS, 4] even elements
+    b_lo = tl.load(p_nf4 + (b_byte & 0xF)) * b_scale[:, None]  # [ROWS, 4] odd elements
     b_out = tl.reshape(tl.join(b_hi, b_lo), (BLOCK,))  # [BLOCK] interleaved back into element order
     o_out = i_b * BLOCK + tl.arange(0, BLOCK)
     tl.store(p_out + o_out, b_out.to(p_out.dtype.element_ty), mask=o_out < numel)
@@ -54,6 +59,6 @@ def nf4_dequantize(data: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.
     # Unused pointers of the plain layout point at absmax; NESTED prunes their loads at compile time.
     code2, scale2, off = (absmax_code, absmax2, offset) if nested else (absmax, absmax, absmax)
     nf4_dequantize_fwd_kernel[(triton.cdiv(numel, _BLOCK),)](
-        data, absmax, code2, scale2, off, _nf4_table(data.device), out, numel,
+        data, absmax, code2, scale2, off, _nf4_table(data.device), out, numel, (numel + 1) // 2,
         NESTED=nested, BLOCKSIZE=blocksize, BLOCK=_BLOCK, enable_fp_fusion=False,
     )
