@@ -28,11 +28,40 @@ def _dot(b_a, b_b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _absmax(p_absmax, p_code2, p_absmax2, p_offset, o_blk, m, NESTED: tl.constexpr):
+    """The fp32 scales of blocks ``o_blk`` (any shape), both levels decoded when NESTED."""
+    # One return: the compiler types every return statement, those of a pruned constexpr branch too.
+    if NESTED:
+        b_q8 = tl.load(p_absmax + o_blk, mask=m, other=0).to(tl.int32)
+        b_code = tl.load(p_code2 + b_q8, mask=m, other=0.0)
+        b_scale = b_code * tl.load(p_absmax2 + o_blk // 256, mask=m, other=0.0) + tl.load(p_offset)
+    else:
+        b_scale = tl.load(p_absmax + o_blk, mask=m, other=0.0)
+    return b_scale
+
+
+@triton.jit
+def _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, o_r, m_r, c0, K,
+            NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``W[o_r, c0 : c0 + COLS]`` decoded, ``[ROWS, COLS]`` fp32, for tiles inside one absmax block per row (the
+    launcher's ROW_BLOCKS): each row's packed bytes are one contiguous run, loaded as such, and its scale is
+    decoded once."""
+    o_byte = o_r[:, None].to(tl.int64) * (K // 2) + (c0 // 2 + tl.arange(0, COLS // 2))[None, :]  # [ROWS, COLS/2]
+    b_byte = tl.load(p_data + o_byte, mask=m_r[:, None], other=0).to(tl.int32)
+    o_blk = (o_r.to(tl.int64) * K + c0) // BLOCKSIZE  # [ROWS]
+    b_scale = _absmax(p_absmax, p_code2, p_absmax2, p_offset, o_blk, m_r, NESTED)  # [ROWS]
+    b_hi = tl.load(p_nf4 + (b_byte >> 4)) * b_scale[:, None]  # [ROWS, COLS/2] even columns
+    b_lo = tl.load(p_nf4 + (b_byte & 0xF)) * b_scale[:, None]  # [ROWS, COLS/2] odd columns
+    return tl.reshape(tl.join(b_hi, b_lo), (ROWS, COLS))
+
+
+@triton.jit
 def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_e1, p_e2, p_bias, p_out,
                           M, P, Q, K, R, stride_xm, stride_e1m, stride_e2p, stride_e2r, stride_om,
                           NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, TRANS_W: tl.constexpr,
                           HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-                          BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr):
+                          ROW_BLOCKS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
+                          BR: tl.constexpr):
     # out is [M, P], the reduction runs over Q: (P, Q) = (N, K) forward, (K, N) backward.
     DT: tl.constexpr = p_out.dtype.element_ty
     # The dot's inputs: the output dtype on a GPU; fp32 holding the same values in the interpreter, whose
@@ -48,24 +77,29 @@ def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p
         m_q = o_q < Q
         b_x = tl.load(p_x + o_m[:, None].to(tl.int64) * stride_xm + o_q[None, :],
                       mask=m_m[:, None] & m_q[None, :], other=0.0).to(tl.float32)  # [BM, BQ]
-        # The W elements of this tile, by their flat index n * K + k (int64: 14336 x 4096 passes 2**31 / 2).
-        if TRANS_W:
-            o_w = o_q[None, :].to(tl.int64) * K + o_p[:, None]  # [BP, BQ]: q is n, p is k
+        if ROW_BLOCKS:
+            # Rounded to the output dtype as dequantize_4bit's result is, then multiplied in that dtype.
+            if TRANS_W:  # W[q rows, p columns] is already the [BQ, BP] operand
+                b_w = _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, o_q, m_q, i_p * BP, K,
+                              NESTED, BLOCKSIZE, BQ, BP).to(DT).to(DOT)  # [BQ, BP]
+                b_acc += _dot(b_x.to(DT).to(DOT), b_w, DOT == tl.float32)
+            else:
+                b_w = _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, o_p, m_p, q0, K,
+                              NESTED, BLOCKSIZE, BP, BQ).to(DT).to(DOT)  # [BP, BQ]
+                b_acc += _dot(b_x.to(DT).to(DOT), tl.trans(b_w), DOT == tl.float32)
         else:
-            o_w = o_p[:, None].to(tl.int64) * K + o_q[None, :]  # [BP, BQ]: p is n, q is k
-        m_w = m_p[:, None] & m_q[None, :]
-        b_byte = tl.load(p_data + (o_w >> 1), mask=m_w, other=0).to(tl.int32)  # [BP, BQ]
-        b_nib = tl.where((o_w & 1) == 0, b_byte >> 4, b_byte & 0xF)
-        o_blk = o_w // BLOCKSIZE
-        if NESTED:
-            b_q8 = tl.load(p_absmax + o_blk, mask=m_w, other=0).to(tl.int32)
-            b_scale = tl.load(p_code2 + b_q8, mask=m_w, other=0.0) * tl.load(p_absmax2 + o_blk // 256, mask=m_w,
-                                                                                other=0.0) + tl.load(p_offset)
-        else:
-            b_scale = tl.load(p_absmax + o_blk, mask=m_w, other=0.0)
-        # Rounded to the output dtype as dequantize_4bit's result is, then multiplied in that dtype.
-        b_w = (tl.load(p_nf4 + b_nib, mask=m_w, other=0.0) * b_scale).to(DT).to(DOT)  # [BP, BQ]
-        b_acc += _dot(b_x.to(DT).to(DOT), tl.trans(b_w), DOT == tl.float32)
+            # Any layout: each element's byte, nibble and block from its flat index n * K + k (int64: 14336 x
+            # 4096 passes 2**31 / 2).
+            if TRANS_W:
+                o_w = o_q[None, :].to(tl.int64) * K + o_p[:, None]  # [BP, BQ]: q is n, p is k
+            else:
+                o_w = o_p[:, None].to(tl.int64) * K + o_q[None, :]  # [BP, BQ]: p is n, q is k
+            m_w = m_p[:, None] & m_q[None, :]
+            b_byte = tl.load(p_data + (o_w >> 1), mask=m_w, other=0).to(tl.int32)  # [BP, BQ]
+            b_nib = tl.where((o_w & 1) == 0, b_byte >> 4, b_byte & 0xF)
+            b_scale = _absmax(p_absmax, p_code2, p_absmax2, p_offset, o_w // BLOCKSIZE, m_w, NESTED)  # [BP, BQ]
+            b_w = (tl.load(p_nf4 + b_nib, mask=m_w, other=0.0) * b_scale).to(DT).to(DOT)  # [BP, BQ]
+            b_acc += _dot(b_x.to(DT).to(DOT), tl.trans(b_w), DOT == tl.float32)
     if HAS_LORA:
         for r0 in range(0, R, BR):
             o_r = r0 + tl.arange(0, BR)  # [BR]
@@ -101,10 +135,14 @@ def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax
     # Small M is the point: one row block of 16 (tl.dot's least) covers decoding, 64 for prompts.
     bm = 16 if m <= 16 else 64
     grid = (triton.cdiv(m, bm), triton.cdiv(p, 64))
+    # Each row's 64-element tiles lie inside one absmax block: the byte-run path (the usual shapes; K odd, or
+    # blocks that straddle rows or tiles, take the element-wise one).
+    row_blocks = k % blocksize == 0 and blocksize % 64 == 0
     nf4_matmul_fwd_kernel[grid](
         x, data, absmax, code2, scale2, off, _nf4_table(x.device), e1 if has_lora else x, e2 if has_lora else x,
         bias if bias is not None else x, out, m, p, q, k, rank, x.stride(0), e1.stride(0) if has_lora else 0,
         e2.stride(0) if has_lora else 0, e2.stride(1) if has_lora else 0, out.stride(0),
         NESTED=nested, BLOCKSIZE=blocksize, TRANS_W=trans_w, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        DOT_FP32=x.device.type == "cpu", BM=bm, BP=64, BQ=64, BR=16, enable_fp_fusion=False,
+        DOT_FP32=x.device.type == "cpu", ROW_BLOCKS=row_blocks, BM=bm, BP=64, BQ=64, BR=16,
+        enable_fp_fusion=False,
     )

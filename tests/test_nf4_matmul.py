@@ -42,6 +42,15 @@ def test_triton_matches_dequantize_then_matmul(dtype, nested, trans, triton_devi
     _compare("triton", triton_device, dtype, nested=nested, trans=trans)
 
 
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_row_runs_of_whole_blocks(dtype, nested, trans, triton_device):
+    """K a multiple of the block, the block of the 64-wide tile: each row's bytes are loaded as one run."""
+    _compare("triton", triton_device, dtype, n=70, k=128, nested=nested, trans=trans)
+    _compare("triton", triton_device, dtype, m=17, n=33, k=256, blocksize=128, nested=nested, trans=trans)
+
+
 @pytest.mark.parametrize("shape", [dict(m=1, n=33, k=50, rank=1, blocksize=128),  # K not a multiple of the block
                                    dict(m=17, n=64, k=64, rank=20, blocksize=32),  # two row tiles, two rank tiles
                                    dict(m=3, n=5, k=7, rank=2, trans=True)])  # odd element count
