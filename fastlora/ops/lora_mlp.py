@@ -103,7 +103,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         weights = _weights(ctx.gu_bases, cd) if need_dx else []
         dx, d_a, d_b = call("lora_qkv_bwd", gu, weights, xa_gu, x, dropped, list(masks), A[:-1], B[:-1],
-                                                       ctx.scaling[:-1], ctx.dropout_p[:-1], need_dx)
+                            ctx.scaling[:-1], ctx.dropout_p[:-1], need_dx)
         needs = ctx.needs_input_grad[7:]
         grads = [g if need else None for g, need in zip([*d_a, *d_a_down, *d_b, *d_b_down], needs[:2 * n],
                                                         strict=True)]

@@ -153,7 +153,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         weights = _weights(ctx.bases, dy.dtype) if need_dx else []
         dx, d_a, d_b = call("lora_qkv_bwd", dy, weights, xa, x, dropped, masks, A, B,
-                                                       ctx.scaling, ctx.dropout_p, need_dx)
+                            ctx.scaling, ctx.dropout_p, need_dx)
         needs = ctx.needs_input_grad[4:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
         for cols, dtype, need in zip(blocks([b.shape[0] for b in B]), ctx.bias_dtypes, needs[2 * n:],
@@ -205,7 +205,7 @@ def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], 
     else:
         dropped, _ = dropout_inputs(x2, A, ps)
         y, _ = call("lora_qkv_fwd", x2, _weights(bases, cd), biases, dropped, list(A), list(B),
-                                               [float(s) for s in scaling])
+                    [float(s) for s in scaling])
     y = y.to(x.dtype)
     return tuple(y[:, cols].view(*x.shape[:-1], cols.stop - cols.start)
                  for cols in blocks([b.shape[0] for b in B]))
