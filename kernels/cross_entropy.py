@@ -85,4 +85,5 @@ def cross_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, scale: torch.T
         grad.stride(0) if grad is not None else 0, scale.stride(0) if scale.dim() else 0, v, ignore_index,
         label_smoothing, z_loss, softcap or 1.0,
         SOFTCAP=softcap is not None, WRITE_GRAD=grad is not None, BLOCK_V=min(triton.next_power_of_2(v), 4096),
+        enable_fp_fusion=True,
     )

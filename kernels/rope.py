@@ -92,4 +92,5 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         sc_b, cos.stride(1), hq, hk,
         HALF=half, D=D, BLOCK_H=min(triton.next_power_of_2(max(hq, hk)), 16), BLOCK_R=triton.next_power_of_2(half),
         BLOCK_P=triton.next_power_of_2(max(D - rot, 1)), BACKWARD=backward, COPY_PASS=copy_pass,
+        enable_fp_fusion=True,
     )

@@ -43,7 +43,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = empty_like(gate)
     n = gate.numel()
     if n:
-        swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK)
+        swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, enable_fp_fusion=True)
     return out
 
 
@@ -52,5 +52,6 @@ def swiglu_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tupl
     dgate, dup = empty_like(gate), empty_like(up)
     n = gate.numel()
     if n:
-        swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](grad, gate, up, dgate, dup, n, BLOCK=_BLOCK)
+        swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](grad, gate, up, dgate, dup, n, BLOCK=_BLOCK,
+                                                     enable_fp_fusion=True)
     return dgate, dup
