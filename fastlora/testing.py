@@ -162,3 +162,21 @@ def nf4_decoder(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float
                     setattr(parent, name, q.to(device))
     model.is_loaded_in_4bit = True
     return model
+
+
+def peft_lora_model(model: torch.nn.Module, *, dropout: float = 0.0, use_dora: bool = False,
+                    targets: str | list[str] = "all-linear") -> torch.nn.Module:
+    """``model`` wrapped by PEFT with rank-8 adapters (alpha 16) on ``targets``, B drawn from N(0, 0.2^2) rather
+    than PEFT's zeros, so that the adapters change the outputs and their gradients.
+
+    Example:
+        >>> model = peft_lora_model(LlamaForCausalLM(config), dropout=0.1)
+    """
+    import peft
+
+    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets, use_dora=use_dora)
+    wrapped = peft.get_peft_model(model, config)
+    for name, p in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return wrapped

@@ -10,7 +10,7 @@ import torch
 import fastlora
 from fastlora import OffloadedCheckpointing
 from fastlora.checkpointing import enable_checkpointing, trainer_checkpointing_args
-from fastlora.testing import nf4_decoder
+from fastlora.testing import nf4_decoder, peft_lora_model
 
 peft = pytest.importorskip("peft")
 
@@ -28,11 +28,7 @@ def _model(*, four_bit=False, dropout=0.1, seed=0):
     if four_bit:
         pytest.importorskip("bitsandbytes")
         nf4_decoder(model)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
-                                                       target_modules="all-linear"))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)
+    model = peft_lora_model(model, dropout=dropout)
     model.train()
     return model
 

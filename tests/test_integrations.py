@@ -8,6 +8,7 @@ import torch
 
 from fastlora.checkpointing import trainer_checkpointing_args
 from fastlora.integrations import FastLoRACallback
+from fastlora.testing import peft_lora_model
 
 peft = pytest.importorskip("peft")
 
@@ -20,12 +21,7 @@ def _model():
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
-    model = peft.get_peft_model(LlamaForCausalLM(config), peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
-                                                                          target_modules="all-linear"))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)
-    return model
+    return peft_lora_model(LlamaForCausalLM(config), dropout=0.1)
 
 
 def _rows(n=8):

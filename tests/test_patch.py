@@ -8,7 +8,7 @@ import torch
 import fastlora
 from fastlora.checkpointing import enable_checkpointing
 from fastlora.patching import FAMILIES
-from fastlora.testing import nf4_decoder
+from fastlora.testing import nf4_decoder, peft_lora_model
 
 peft = pytest.importorskip("peft")
 
@@ -24,13 +24,20 @@ def _llama(seed=0, **overrides):
     return LlamaForCausalLM(config).float()
 
 
-def _peft(model, *, dropout=0.0, use_dora=False, targets="all-linear"):
-    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets, use_dora=use_dora)
-    wrapped = peft.get_peft_model(model, config)
-    for name, p in wrapped.named_parameters():  # non-zero B, so the adapters matter
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.2)
-    return wrapped
+_peft = peft_lora_model
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The names of the fused LoRA ops the patched modules call (lora_linear, lora_qkv), in order."""
+    import fastlora.patching.lora_layers as layers
+    import fastlora.patching.qkv as qkv
+
+    calls = []
+    for module, name in ((layers, "lora_linear"), (qkv, "lora_qkv")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
 
 
 def _batch(seed=1):
@@ -99,19 +106,12 @@ def test_num_items_in_batch_reaches_the_loss():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_patched_layers_really_take_the_fused_path(monkeypatch):
-    import fastlora.patching.lora_layers as layers
-    import fastlora.patching.qkv as qkv
-
-    calls = []
-    for module, name in ((layers, "lora_linear"), (qkv, "lora_qkv")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+def test_patched_layers_really_take_the_fused_path(fused_calls):
     model = _peft(_llama())
     fastlora.patch(model)
     model(input_ids=_batch()[0])
     # Per decoder layer: q, k and v in one lora_qkv; o, gate, up and down one lora_linear each.
-    assert sorted(calls) == ["lora_linear"] * 8 + ["lora_qkv"] * 2
+    assert sorted(fused_calls) == ["lora_linear"] * 8 + ["lora_qkv"] * 2
 
 
 def test_patching_twice_changes_nothing_and_unpatch():
@@ -351,25 +351,18 @@ def test_four_bit_merge_unmerge_installs_new_weights_that_the_patch_reads():
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_every_family_takes_q_k_v_from_one_lora_qkv(model_type, monkeypatch):
+def test_every_family_takes_q_k_v_from_one_lora_qkv(model_type, fused_calls):
     """The attention's projection layers return what lora_qkv made for them, rather than computing again."""
-    import fastlora.patching.lora_layers as layers
-    import fastlora.patching.qkv as qkv
-
-    calls = []
-    for module, name in ((layers, "lora_linear"), (qkv, "lora_qkv")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     model = _peft(_tiny(model_type))
     model.train()
     ids, labels = _batch()
     before = _step(model, ids, labels)
     fastlora.patch(model, rope=False, mlp=False)
-    calls.clear()
+    fused_calls.clear()
     _same(_step(model, ids, labels), before)
     fused = model_type != "phi3"  # Phi3's qkv_proj is one layer already
     # One decoder layer: q, k, v (or Phi3's qkv), o, gate, up (or gate_up) and down.
-    assert sorted(calls) == ["lora_linear"] * 4 + ["lora_qkv"] * fused
+    assert sorted(fused_calls) == ["lora_linear"] * 4 + ["lora_qkv"] * fused
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "nf4"])
