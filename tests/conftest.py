@@ -46,3 +46,16 @@ def triton_device(device):
     if not info.triton_usable:
         pytest.skip(f"Triton unusable here: {info.triton_reason}")
     return device
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The names of the fused LoRA ops the patched modules call (lora_linear, lora_qkv), in order."""
+    import fastlora.patching.lora_layers as layers
+    import fastlora.patching.qkv as qkv
+
+    calls = []
+    for module, name in ((layers, "lora_linear"), (qkv, "lora_qkv")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls

@@ -35,23 +35,24 @@ def _rows(n=8):
     return rows
 
 
-def _train(model, tmp_path, callbacks=()):
+def _train(model, tmp_path, callbacks=(), **options):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, learning_rate=1e-2, save_strategy="no", report_to=[],
-                             use_cpu=True, **trainer_checkpointing_args(), seed=3, dataloader_num_workers=0)
+                             use_cpu=True, **trainer_checkpointing_args(), seed=3, dataloader_num_workers=0,
+                             **options)
     trainer = Trainer(model=model, args=args, train_dataset=_rows(), callbacks=list(callbacks))
-    trainer.train()
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    result = trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}, result.training_loss
 
 
 def test_trainer_with_the_callback_trains_like_the_unpatched_model(tmp_path):
     """Gradient accumulation with uneven label counts: the patched loss must get num_items_in_batch."""
-    expected = _train(_model(), tmp_path)
+    expected, _ = _train(_model(), tmp_path)
     callback = FastLoRACallback(checkpointing="offload")
     model = _model()
-    got = _train(model, tmp_path, [callback])
+    got, _ = _train(model, tmp_path, [callback])
     kinds = " ".join(what for _, what in callback.report.patched)
     assert "lora_linear" in kinds and "fused_linear" in kinds and "offloaded" in kinds
     assert got.keys() == expected.keys() and got
@@ -61,6 +62,22 @@ def test_trainer_with_the_callback_trains_like_the_unpatched_model(tmp_path):
 
     layer = model.get_base_model().model.layers[0]
     assert isinstance(layer._gradient_checkpointing_func, OffloadedCheckpointing)
+
+
+def test_trainer_in_bf16_mixed_precision(tmp_path, fused_calls):
+    """``bf16=True`` on an fp32 model runs the forward under autocast: the patched model trains there, its fused
+    ops run under autocast, and its loss is the unpatched model's within bf16 rounding (measured 2e-4 apart).
+    AdamW's first steps move every weight by about the learning rate whatever the rounding, so the loss is
+    compared, not the weights."""
+    _, expected = _train(_model(), tmp_path, bf16=True)
+    seen = []
+    model = _model()
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    layer.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    _, got = _train(model, tmp_path, [FastLoRACallback()], bf16=True)
+    assert seen and all(seen), "the Trainer did not run the forward under autocast"
+    assert "lora_qkv" in fused_calls
+    assert got == pytest.approx(expected, rel=2e-3)
 
 
 def test_trl_chunked_loss_is_reported(caplog):

@@ -27,19 +27,6 @@ def _llama(seed=0, **overrides):
 _peft = peft_lora_model
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """The names of the fused LoRA ops the patched modules call (lora_linear, lora_qkv), in order."""
-    import fastlora.patching.lora_layers as layers
-    import fastlora.patching.qkv as qkv
-
-    calls = []
-    for module, name in ((layers, "lora_linear"), (qkv, "lora_qkv")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    return calls
-
-
 def _batch(seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (2, 9), generator=g)

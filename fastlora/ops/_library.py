@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ._autocast import autocast_off
+
 # FRAGMENT: the native extension defines its own ops (native_*) in the same namespace.
 _LIB = torch.library.Library("fastlora", "FRAGMENT")
 _IMPLS: dict[str, Callable[..., object]] = {}
@@ -14,6 +16,7 @@ _IMPLS: dict[str, Callable[..., object]] = {}
 
 def define(schema: str, impl: Callable[..., object], fake: Callable[..., object]) -> None:
     """Define ``fastlora::<name>`` from its schema, with one implementation for every device and a fake one.
+    The implementation runs with autocast off.
 
     The low-level define/impl pair costs about 15 us a call where torch.library.custom_op costs 40: these ops
     run once per layer per step. The backend is chosen inside ``impl``, so one registration serves them all.
@@ -22,6 +25,8 @@ def define(schema: str, impl: Callable[..., object], fake: Callable[..., object]
         >>> define("swiglu_fwd(Tensor gate, Tensor up, str backend='auto') -> Tensor", impl, fake)
     """
     name = schema.split("(", 1)[0]
+    # Autocast off inside: the implementation chose its GEMMs' dtypes (see _autocast.py).
+    impl = autocast_off(impl)
     _IMPLS[name] = impl
     _LIB.define(schema)
     _LIB.impl(name, impl, "CompositeExplicitAutograd")

@@ -18,6 +18,7 @@ import torch
 
 from ..dispatch import Backend
 from ..kernels._utils import empty
+from ._autocast import autocast_disabled, autocast_dtype, autocast_off
 from ._library import define
 from .cross_entropy import check_options, cross_entropy_reference, cross_entropy_rows, loss_scale, reduce_rows
 
@@ -105,6 +106,7 @@ define("fused_linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, T
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                 scale: torch.Tensor, options: tuple, reduction: str, max_chunk_bytes: int,
                 backend: str) -> torch.Tensor:
@@ -122,6 +124,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return reduce_rows(rows, scale, reduction)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.used:
             raise RuntimeError("fused_linear_cross_entropy: a second backward through the same loss is not "
@@ -155,7 +158,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     Args:
         hidden: ``[..., H]`` float32, float16 or bfloat16 (the final norm's output; labels already shifted).
         weight: ``[V, H]`` the lm_head weight, same dtype as ``hidden``. Its gradient is computed only when it
-            requires grad.
+            requires grad. Under ``torch.autocast`` both are cast to its dtype first, as ``F.linear`` would be.
         labels: ``[...]`` int64 or int32; ``ignore_index`` rows contribute nothing.
         bias: optional ``[V]``.
         max_chunk_bytes: memory budget of one chunk of logits; fixes the number of tokens per chunk.
@@ -173,6 +176,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"fused_linear_cross_entropy: hidden has dtype {hidden.dtype}, expected float32, float16 "
                         "or bfloat16")
+    autocast = autocast_dtype(hidden)
+    if autocast is not None:
+        # The lm_head this stands in for is an F.linear, which autocast runs in its dtype; the loss stays fp32.
+        hidden, weight = hidden.to(autocast), weight.to(autocast)
+        bias = None if bias is None else bias.to(autocast)
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         raise TypeError(f"fused_linear_cross_entropy: weight ({weight.dtype}) and bias must have hidden's dtype "
                         f"({hidden.dtype})")
@@ -197,12 +205,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if num_items_in_batch is not None:
         reduction = "sum"
     options = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        loss = FusedLinearCrossEntropyFunction.apply(flat, weight, bias, flat_labels, scale, options, reduction,
-                                                     max_chunk_bytes, name)
-    else:
-        rows, *_ = torch.ops.fastlora.fused_linear_cross_entropy(flat, weight, bias, flat_labels, scale, *options,
-                                                                 False, False, False, max_chunk_bytes, name)
-        loss = reduce_rows(rows, scale, reduction)
+    with autocast_disabled(hidden.device):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+            loss = FusedLinearCrossEntropyFunction.apply(flat, weight, bias, flat_labels, scale, options,
+                                                         reduction, max_chunk_bytes, name)
+        else:
+            rows, *_ = torch.ops.fastlora.fused_linear_cross_entropy(
+                flat, weight, bias, flat_labels, scale, *options, False, False, False, max_chunk_bytes, name)
+            loss = reduce_rows(rows, scale, reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
 

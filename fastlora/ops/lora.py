@@ -11,8 +11,10 @@ How the work is arranged (M tokens, K in, N out, R the summed rank of the active
   and ``dA = G^T drop(X)``: thin GEMMs. W gets no gradient.
 - an NF4 base is dequantized once in the forward and once in the backward, into one workspace buffer shared by
   every layer of that shape, never kept between calls.
-The LoRA branch runs in the compute dtype (the activations', or ``compute_dtype``) with fp32 accumulation in the
-GEMMs; adapters kept in fp32 (PEFT's default) are cast for the GEMMs and get fp32 gradients.
+The LoRA branch runs in the compute dtype (the activations', ``compute_dtype``, or under ``torch.autocast`` its
+dtype, as ``F.linear``) with fp32 accumulation in the GEMMs; adapters kept in fp32 (PEFT's default) are cast for
+the GEMMs and get fp32 gradients. So with bf16 activations the branch has the precision PEFT's has under autocast
+(HF Trainer's ``bf16=True``: equal to it, measured), not the fp32 one PEFT computes without autocast.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from ..dispatch import Backend, resolve_backend
+from ._autocast import autocast_disabled, autocast_dtype, autocast_off
 from ._library import call, define
 from ._workspace import workspace
 from .nf4 import dequantize_nf4
@@ -211,6 +214,7 @@ class LoRALinearFunction(torch.autograd.Function):
     """``apply(x [M, K], base, bias, scaling, dropout_p, n, *A, *B, *lora_bias)``; returns ``[M, N]``."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None,
                 scaling: tuple[float, ...], dropout_p: tuple[float, ...], n: int,
                 *adapters: torch.Tensor | None) -> torch.Tensor:
@@ -224,6 +228,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         n = ctx.n
         xa, x, dropped, masks, A, B = saved_adapters(ctx, n)
@@ -278,7 +283,8 @@ def lora_linear(x: torch.Tensor, base: torch.Tensor | NF4Weight, A: torch.Tensor
 
     Equal to PEFT's LoRA ``Linear`` (and its bitsandbytes ``Linear4bit``) for the same adapters, in the forward and
     in the gradients of ``x``, every ``A_i``, ``B_i`` and ``lora_bias_i`` (and ``bias``, if it requires grad).
-    ``base`` gets no gradient.
+    ``base`` gets no gradient. In half precision the LoRA branch runs in the activations' dtype, as PEFT's does
+    under autocast; PEFT without autocast computes it in its fp32 adapters' dtype, more precisely.
 
     Args:
         x: ``[..., K]`` float32, float16 or bfloat16.
@@ -291,11 +297,11 @@ def lora_linear(x: torch.Tensor, base: torch.Tensor | NF4Weight, A: torch.Tensor
         dropout_p: the LoRA dropout per adapter: applied to that adapter's input only, with torch's RNG (pass 0
             in eval mode, as ``nn.Dropout`` would).
         lora_bias: ``[N]`` bias of ``lora_B`` per adapter (PEFT's ``lora_bias=True``), or None.
-        compute_dtype: the GEMMs' dtype (a 4-bit layer's ``compute_dtype``); default ``x.dtype``. The output
-            is in ``x.dtype``.
+        compute_dtype: the GEMMs' dtype (a 4-bit layer's ``compute_dtype``); default ``x.dtype``. Under
+            ``torch.autocast`` the autocast dtype is used instead, as by ``F.linear`` (see :func:`gemm_dtypes`).
 
     Returns:
-        ``[..., N]`` in ``x.dtype``.
+        ``[..., N]`` in ``x.dtype`` (under autocast without ``compute_dtype``: the autocast dtype).
 
     Example:
         >>> y = fastlora.lora_linear(x, layer.base_layer.weight, layer.lora_A["default"].weight,
@@ -307,18 +313,37 @@ def lora_linear(x: torch.Tensor, base: torch.Tensor | NF4Weight, A: torch.Tensor
     ps = [float(p) for p in _as_list(dropout_p, n, "dropout_p")]
     lbs = _as_list(lora_bias, n, "lora_bias")
     _check(x, base, As, Bs, ps, bias, lbs)
-    cd = compute_dtype or x.dtype
-    if cd not in _FLOATS:
-        raise TypeError(f"lora_linear: compute_dtype must be float32, float16 or bfloat16, got {cd}")
+    cd, out_dtype = gemm_dtypes("lora_linear", x, compute_dtype)
     out_features = base.shape[0]
     x2 = flat_input(x, cd)
     tensors = (x2, bias, *As, *Bs, *lbs)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y = LoRALinearFunction.apply(x2, base, bias, tuple(scalings), tuple(ps), n, *As, *Bs, *lbs)
-    else:
-        dropped, _ = dropout_inputs(x2, As, ps)
-        y, _ = _forward(x2, base, bias, dropped, As, Bs, scalings, lbs)
-    return y.to(x.dtype).view(*x.shape[:-1], out_features)
+    with autocast_disabled(x.device):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            y = LoRALinearFunction.apply(x2, base, bias, tuple(scalings), tuple(ps), n, *As, *Bs, *lbs)
+        else:
+            dropped, _ = dropout_inputs(x2, As, ps)
+            y, _ = _forward(x2, base, bias, dropped, As, Bs, scalings, lbs)
+    return y.to(out_dtype).view(*x.shape[:-1], out_features)
+
+
+def gemm_dtypes(op: str, x: torch.Tensor, compute_dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:
+    """``(the GEMMs' dtype, the output's)`` for a layer-like op on ``x``.
+
+    Without autocast: ``compute_dtype`` (default ``x.dtype``), output in ``x.dtype``. Under ``torch.autocast`` on
+    ``x``'s device its dtype wins, as it does for ``F.linear``; the output is then in that dtype too (a dense
+    layer's under autocast), or in ``x.dtype`` when ``compute_dtype`` was given (a bitsandbytes 4-bit layer casts
+    its output back to its input's dtype).
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     gemm_dtypes("lora_linear", torch.ones(2, 2), None)
+        (torch.bfloat16, torch.bfloat16)
+    """
+    autocast = autocast_dtype(x)
+    cd = autocast or compute_dtype or x.dtype
+    if cd not in _FLOATS:
+        raise TypeError(f"{op}: compute_dtype must be float32, float16 or bfloat16, got {cd}")
+    return cd, autocast if autocast is not None and compute_dtype is None else x.dtype
 
 
 def _check(x: torch.Tensor, base: torch.Tensor | NF4Weight, A: list, B: list, dropout_p: list[float],

@@ -18,9 +18,10 @@ from typing import NamedTuple
 
 import torch
 
+from ._autocast import autocast_disabled, autocast_off
 from ._library import call
 from .glu import ACTIVATIONS, activation_reference
-from .lora import _FLOATS, _check, _dense, blocks, dropout, dropout_inputs, flat_input, lora_linear_reference
+from .lora import _check, _dense, blocks, dropout, dropout_inputs, flat_input, gemm_dtypes, lora_linear_reference
 from .lora_qkv import _weights
 from .nf4_weight import NF4Weight
 
@@ -67,6 +68,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     """``apply(x [M, K], gate_up bases, down base, activation, scalings, dropout_ps, n, *A, *B, *biases)``."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x: torch.Tensor, gu_bases: tuple[Base, ...], down_base: Base, activation: str,
                 scaling: tuple[float, ...], dropout_p: tuple[float, ...], n: int,
                 *tensors: torch.Tensor | None) -> torch.Tensor:
@@ -81,6 +83,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.used:
             raise RuntimeError("lora_mlp: a second backward through the same graph is not supported (the saved "
@@ -128,10 +131,11 @@ def lora_mlp(x: torch.Tensor, gate_up: Sequence[LoRAProjection], down: LoRAProje
         down: the down projection (its input is ``I`` wide).
         activation: ``"silu"`` (SwiGLU), ``"gelu_tanh"`` or ``"gelu"`` (GeGLU as Gemma's ``gelu_pytorch_tanh``
             and the exact one).
-        compute_dtype: the GEMMs' dtype; default ``x.dtype``. The output is in ``x.dtype``.
+        compute_dtype: the GEMMs' dtype; default ``x.dtype``. The output is in ``x.dtype``. Under
+            ``torch.autocast``: as :func:`fastlora.ops.lora.gemm_dtypes` says.
 
     Returns:
-        ``[..., N_down]`` in ``x.dtype``.
+        ``[..., N_down]`` in ``x.dtype`` (or the autocast dtype).
 
     Example:
         >>> P = fastlora.LoRAProjection
@@ -149,16 +153,15 @@ def lora_mlp(x: torch.Tensor, gate_up: Sequence[LoRAProjection], down: LoRAProje
         raise ValueError(f"lora_mlp: gate and up must have the same width; got {[p.base.shape[0] for p in gate_up]}")
     _check(torch.empty(0, inner // 2, device=x.device, dtype=x.dtype), down.base, [down.A], [down.B],
            [down.dropout_p], down.bias, [None])
-    cd = compute_dtype or x.dtype
-    if cd not in _FLOATS:
-        raise TypeError(f"lora_mlp: compute_dtype must be float32, float16 or bfloat16, got {cd}")
+    cd, out_dtype = gemm_dtypes("lora_mlp", x, compute_dtype)
     x2 = flat_input(x, cd)
     tensors = (*[p.A for p in projections], *[p.B for p in projections], *[p.bias for p in projections])
     args = (tuple(p.base for p in gate_up), down.base, activation, tuple(float(p.scaling) for p in projections),
             tuple(float(p.dropout_p) for p in projections), len(projections))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)):
-        y = LoRAMLPFunction.apply(x2, *args, *tensors)
-    else:
-        n = len(projections)
-        y, _ = _forward(x2, *args[:5], list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:]))
-    return y.to(x.dtype).view(*x.shape[:-1], down.base.shape[0])
+    with autocast_disabled(x.device):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)):
+            y = LoRAMLPFunction.apply(x2, *args, *tensors)
+        else:
+            n = len(projections)
+            y, _ = _forward(x2, *args[:5], list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:]))
+    return y.to(out_dtype).view(*x.shape[:-1], down.base.shape[0])

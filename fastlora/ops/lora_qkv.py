@@ -17,16 +17,17 @@ from collections.abc import Sequence
 import torch
 
 from ..kernels._utils import empty
+from ._autocast import autocast_disabled, autocast_off
 from ._library import call, define
 from ._workspace import workspace
 from .lora import (
-    _FLOATS,
     _check,
     _down,
     _slices,
     blocks,
     dropout_inputs,
     flat_input,
+    gemm_dtypes,
     lora_linear_reference,
     save_adapters,
     saved_adapters,
@@ -119,9 +120,10 @@ define("lora_qkv_bwd(Tensor dy, Tensor[] weights, Tensor xa, Tensor x, Tensor[] 
 
 
 def _weights(bases: Sequence[Base], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Dense weights as they are; NF4 ones dequantized into the rows of one shared ``[sum N, K]`` workspace."""
+    """Dense weights in ``dtype`` (a copy only where they are in another, as under autocast); NF4 ones dequantized
+    into the rows of one shared ``[sum N, K]`` workspace."""
     if not all(isinstance(b, NF4Weight) for b in bases):
-        return [b if isinstance(b, torch.Tensor) else dequantize_nf4(b, dtype=dtype) for b in bases]
+        return [b.to(dtype) if isinstance(b, torch.Tensor) else dequantize_nf4(b, dtype=dtype) for b in bases]
     shape = (sum(b.shape[0] for b in bases), bases[0].shape[1])
     stacked = torch.empty(shape, dtype=dtype, device=bases[0].device) if torch.compiler.is_compiling() else \
         workspace("lora_qkv_nf4", shape, dtype, bases[0].device)
@@ -134,6 +136,7 @@ class LoRAQKVFunction(torch.autograd.Function):
     """``apply(x [M, K], bases, dropout_p, scaling, *A, *B, *biases)`` -> ``[M, Nq + Nk + Nv]``."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x: torch.Tensor, bases: tuple[Base, ...], dropout_p: tuple[float, ...],
                 scaling: tuple[float, ...], *tensors: torch.Tensor | None) -> torch.Tensor:
         n = len(bases)
@@ -146,6 +149,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         n = ctx.n
         xa, x, dropped, masks, A, B = saved_adapters(ctx, n)
@@ -178,7 +182,8 @@ def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], 
         scaling: per projection.
         biases: the base layers' biases (Qwen2 has q/k/v biases), or None.
         dropout_p: per projection (each has its own mask, as PEFT's per-layer dropouts do).
-        compute_dtype: the GEMMs' dtype; default ``x.dtype``. The outputs are in ``x.dtype``.
+        compute_dtype: the GEMMs' dtype; default ``x.dtype``. The outputs are in ``x.dtype``. Under
+            ``torch.autocast``: as :func:`fastlora.ops.lora.gemm_dtypes` says.
 
     Returns:
         One ``[..., N_i]`` tensor per projection: column blocks of one buffer (views with a row stride of
@@ -195,17 +200,16 @@ def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], 
                          f"{n}, {len(A)}, {len(B)}, {len(scaling)}, {len(biases)}, {len(ps)}")
     for i in range(n):
         _check(x, bases[i], [A[i]], [B[i]], [ps[i]], biases[i], [None])
-    cd = compute_dtype or x.dtype
-    if cd not in _FLOATS:
-        raise TypeError(f"lora_qkv: compute_dtype must be float32, float16 or bfloat16, got {cd}")
+    cd, out_dtype = gemm_dtypes("lora_qkv", x, compute_dtype)
     x2 = flat_input(x, cd)
     tensors = (*A, *B, *biases)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)):
-        y = LoRAQKVFunction.apply(x2, tuple(bases), tuple(ps), tuple(float(s) for s in scaling), *tensors)
-    else:
-        dropped, _ = dropout_inputs(x2, A, ps)
-        y, _ = call("lora_qkv_fwd", x2, _weights(bases, cd), biases, dropped, list(A), list(B),
-                    [float(s) for s in scaling])
-    y = y.to(x.dtype)
+    with autocast_disabled(x.device):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)):
+            y = LoRAQKVFunction.apply(x2, tuple(bases), tuple(ps), tuple(float(s) for s in scaling), *tensors)
+        else:
+            dropped, _ = dropout_inputs(x2, A, ps)
+            y, _ = call("lora_qkv_fwd", x2, _weights(bases, cd), biases, dropped, list(A), list(B),
+                        [float(s) for s in scaling])
+    y = y.to(out_dtype)
     return tuple(y[:, cols].view(*x.shape[:-1], cols.stop - cols.start)
                  for cols in blocks([b.shape[0] for b in B]))

@@ -15,6 +15,7 @@ import torch
 
 from ..dispatch import Backend, resolve_backend
 from ..kernels._utils import empty
+from ._autocast import autocast_dtype
 from ._library import define
 from .nf4 import nf4_dequantize_reference
 from .nf4_weight import NF4Weight
@@ -65,13 +66,14 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, *, trans: bool = False, e1: _Opt =
     """``x @ W^T`` (or ``x @ W`` with ``trans``) for an NF4 weight ``W [N, K]``, ``+ e1 @ e2^T``, ``+ bias``.
 
     Args:
-        x: ``[M, K]`` (``[M, N]`` with ``trans``) float32, float16 or bfloat16, contiguous rows; sets the dtype.
+        x: ``[M, K]`` (``[M, N]`` with ``trans``) float32, float16 or bfloat16, contiguous rows; sets the dtype
+            (under ``torch.autocast``: the autocast dtype, to which x, e1, e2 and bias are cast).
         w: the NF4 weight, dequantized tile by tile to ``x``'s dtype (the values ``dequantize_nf4`` gives).
         e1, e2: an optional low-rank term, ``[M, R]`` and ``[P, R]`` (P the output's columns).
         bias: optional ``[P]``.
 
     Returns:
-        ``[M, N]`` (``[M, K]`` with ``trans``) in ``x``'s dtype.
+        ``[M, N]`` (``[M, K]`` with ``trans``) in that dtype.
 
     Example:
         >>> y = nf4_matmul(x, w, e1=x @ A.t(), e2=B * scaling)    # a QLoRA projection for a few tokens
@@ -87,6 +89,10 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, *, trans: bool = False, e1: _Opt =
     if bias is not None and tuple(bias.shape) != (p,):
         raise ValueError(f"nf4_matmul: bias must be [{p}], got {tuple(bias.shape)}")
     name = backend.value if isinstance(backend, Backend) else str(backend).lower()
+    autocast = autocast_dtype(x)
+    if autocast is not None:
+        # A GEMM under autocast runs in its dtype, as F.linear's does.
+        x, e1, e2, bias = (t if t is None else t.to(autocast) for t in (x, e1, e2, bias))
     x = x if x.stride(-1) == 1 else x.contiguous()
     e1 = e1 if e1 is None or e1.stride(-1) == 1 else e1.contiguous()
     return torch.ops.fastlora.nf4_matmul(x, w.data, w.absmax, w.absmax_code, w.absmax2, w.offset, w.blocksize, n,
