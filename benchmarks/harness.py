@@ -120,7 +120,7 @@ class Suite:
     description: str = ""
     dtype: Callable[[torch.device], torch.dtype] = default_dtype
     label: Callable[[Shape], str] = default_label
-    tolerance: dict[torch.dtype, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    tolerance: dict[torch.dtype, tuple[float, ...]] = dataclasses.field(default_factory=dict)
     # Why a provider is not run here, decided before its case is built (for costs a factory cannot see,
     # such as compile time in a quick run); None runs it.
     skip: Callable[[str, torch.device, bool], str | None] | None = None
@@ -210,8 +210,8 @@ class Progress(Protocol):
     def update(self, n: int = 1) -> object: ...
 
 
-def tolerance(suite: Suite, dtype: torch.dtype) -> tuple[float, float]:
-    """The gate's (rtol, atol) for ``dtype``: the suite's own when it sets one.
+def tolerance(suite: Suite, dtype: torch.dtype) -> tuple[float, ...]:
+    """The gate's (rtol, atol) or (rtol, atol, rms_share) for ``dtype``: the suite's own when it sets one.
 
     Example:
         >>> tolerance(swiglu.SUITE, torch.bfloat16)

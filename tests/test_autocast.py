@@ -219,3 +219,10 @@ def _dequantize_decoder(model):
                 if child.bias is not None:
                     dense.bias.data = child.bias.data.clone()
                 setattr(module, name, dense.requires_grad_(False))
+
+
+def test_a_bad_compute_dtype_is_refused_under_autocast_too():
+    layer, _ = make_peft_lora_layer(K, N)
+    args = lora_args(layer)
+    with _autocast(), pytest.raises(TypeError, match="compute_dtype"):
+        fastlora.lora_linear(_x(), args.base, args.A, args.B, args.scaling, compute_dtype=torch.int8)

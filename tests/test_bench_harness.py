@@ -93,6 +93,28 @@ def test_gate_compare() -> None:
     assert not harness.compare([ref], [ref, ref], rtol=1e-4, atol=1e-5)[0]
 
 
+def test_gate_compare_rms_share() -> None:
+    """The rms share widens the bound by a share of the reference's rms, for every element alike."""
+    ref = torch.tensor([0.0, 3.0, 4.0, 0.0])  # rms 2.5
+    near_zero_off = ref + torch.tensor([0.2, 0.0, 0.0, 0.0])
+    assert not harness.compare([near_zero_off], [ref], rtol=1e-2, atol=1e-2)[0]
+    assert harness.compare([near_zero_off], [ref], rtol=1e-2, atol=1e-2, rms_share=0.1)[0]
+    agrees, _, why = harness.compare([ref + 0.3], [ref], rtol=1e-2, atol=1e-2, rms_share=0.1)
+    assert not agrees and "rms_share=0.1" in why
+
+
+@pytest.mark.parametrize(("suite", "shape"), [("lora", (512, 1024, 256, 16, 0)), ("lora", (512, 1024, 256, 16, 1)),
+                                              ("lora_mlp", (512, 256, 512, 16, 0))])
+def test_lora_suites_gate_fastlora_in_bf16(suite: str, shape: tuple[int, ...]) -> None:
+    """In bf16 PEFT runs as HF Trainer's bf16=True runs it (autocast), so fastlora passes the gate where, against
+    PEFT's fp32 LoRA branch or without lora_mlp's rms share, hundreds to thousands of elements failed it."""
+    pytest.importorskip("peft")
+    chosen = SUITES[suite]
+    harness.prepare(chosen, Provider("peft", "reference"), "full", shape, CPU, torch.bfloat16)
+    _, result = harness.prepare(chosen, Provider("fastlora", "fastlora"), "full", shape, CPU, torch.bfloat16)
+    assert result.status == "ok", result.reason
+
+
 def test_autograd_case_backward_times_only_the_backward() -> None:
     calls = []
 

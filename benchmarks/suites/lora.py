@@ -10,7 +10,8 @@ dequantized: the gate's reference), ``peft-bnb`` (PEFT's ``Linear4bit`` over bit
 bitsandbytes is installed), ``matmuls`` (the floor of the TARGETS bars: the base GEMMs alone in the compute dtype,
 ``X W^T`` and in ``full`` also ``dY W``; not gated), ``fastlora`` (``lora_linear``: for M <= 256 over NF4 on a
 GPU, the kernel that reads NF4 inside the GEMM) and ``fastlora-dequant`` (NF4 shapes: ``lora_linear`` made to
-dequantize once then use cuBLAS, the baseline of the small-M bar). Gradients: x, A and B.
+dequantize once then use cuBLAS, the baseline of the small-M bar). Gradients: x, A and B. In bf16 and fp16 the
+gated providers run their forward under autocast, as HF Trainer's ``bf16=True`` does (see ``as_in_training``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 import fastlora
 from fastlora import NF4Weight
 
+from ..cases import as_in_training
 from ..harness import Case, Provider, Shape, Shapes, Suite, Unavailable, Work, autograd_case, randn
 
 
@@ -103,7 +105,7 @@ def _make(provider: str, mode: str, shape: Shape, device: torch.device, dtype: t
                 return fastlora.lora_linear(x, base, a, b, scaling)
     else:
         raise ValueError(f"lora: unknown provider {provider!r}")
-    return autograd_case(fn, [x, a, b], mode, forward=forward, backward=backward)
+    return autograd_case(as_in_training(fn, device, dtype), [x, a, b], mode, forward=forward, backward=backward)
 
 
 def _label(shape: Shape) -> str:

@@ -14,7 +14,8 @@ How the work is arranged (M tokens, K in, N out, R the summed rank of the active
 The LoRA branch runs in the compute dtype (the activations', ``compute_dtype``, or under ``torch.autocast`` its
 dtype, as ``F.linear``) with fp32 accumulation in the GEMMs; adapters kept in fp32 (PEFT's default) are cast for
 the GEMMs and get fp32 gradients. So with bf16 activations the branch has the precision PEFT's has under autocast
-(HF Trainer's ``bf16=True``: equal to it, measured), not the fp32 one PEFT computes without autocast.
+(HF Trainer's ``bf16=True``; the adapters' gradients were equal to PEFT's there bit for bit in a measured case),
+not the fp32 one PEFT computes without autocast.
 """
 
 from __future__ import annotations
@@ -339,10 +340,10 @@ def gemm_dtypes(op: str, x: torch.Tensor, compute_dtype: torch.dtype | None) -> 
         ...     gemm_dtypes("lora_linear", torch.ones(2, 2), None)
         (torch.bfloat16, torch.bfloat16)
     """
+    if compute_dtype is not None and compute_dtype not in _FLOATS:
+        raise TypeError(f"{op}: compute_dtype must be float32, float16 or bfloat16, got {compute_dtype}")
     autocast = autocast_dtype(x)
     cd = autocast or compute_dtype or x.dtype
-    if cd not in _FLOATS:
-        raise TypeError(f"{op}: compute_dtype must be float32, float16 or bfloat16, got {cd}")
     return cd, autocast if autocast is not None and compute_dtype is None else x.dtype
 
 
