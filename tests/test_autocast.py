@@ -165,18 +165,23 @@ def _rel_error(got, ref):
         math.sqrt(sum((ref[n] ** 2).sum().item() for n in ref))
 
 
-@pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "nf4"])
-def test_patched_fp32_model_trains_under_autocast_like_the_unpatched(four_bit):
+@pytest.mark.parametrize(("four_bit", "backend"),
+                         [(False, "auto"), (True, "auto"), (False, "torch"), (False, "triton")],
+                         ids=["dense", "nf4", "dense-torch", "dense-triton"])
+def test_patched_fp32_model_trains_under_autocast_like_the_unpatched(four_bit, backend, request):
     """The mixed-precision recipe (fp32 weights, bf16 autocast): loss and LoRA gradients of the patched model within
     twice the unpatched model's error against the fp64 model. Across the LoRA gradients taken together (normwise):
     one tensor's largest element error is too noisy in bf16 for a one-step check (its ratio spread over 1.1-2.5
-    across seeds; the normwise one over 0.7-1.3, measured); a wrong path moves it by orders of magnitude."""
+    across seeds; the normwise one over 0.7-1.3, measured); a wrong path moves it by orders of magnitude. A forced
+    backend also patches RoPE (left alone on a CPU otherwise), which then meets bf16 q and k with fp32 cos and sin."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastlora.testing import nf4_decoder
 
     if four_bit:
         pytest.importorskip("bitsandbytes")
+    if backend == "triton":
+        request.getfixturevalue("triton_device")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
@@ -199,7 +204,8 @@ def test_patched_fp32_model_trains_under_autocast_like_the_unpatched(four_bit):
         _dequantize_decoder(exact)
     loss64, grads64 = run(exact.double(), False)
     patched = copy.deepcopy(unpatched)
-    fastlora.patch(patched)
+    report = fastlora.patch(patched, backend=backend)
+    assert any("apply_rope" in what for _, what in report.patched) == (backend != "auto")
     loss_u, grads_u = run(unpatched, True)
     loss_p, grads_p = run(patched, True)
     assert grads_p.keys() == grads_u.keys() == grads64.keys()
