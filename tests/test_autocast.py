@@ -160,20 +160,18 @@ def test_lora_linear_compiles_under_autocast():
     torch.testing.assert_close(compiled(x), fn(x), rtol=0, atol=0)
 
 
-def _rel_error(got, ref):
-    return math.sqrt(sum(((got[n] - ref[n]) ** 2).sum().item() for n in ref)) / \
-        math.sqrt(sum((ref[n] ** 2).sum().item() for n in ref))
-
-
 @pytest.mark.parametrize(("four_bit", "backend"),
                          [(False, "auto"), (True, "auto"), (False, "torch"), (False, "triton")],
                          ids=["dense", "nf4", "dense-torch", "dense-triton"])
 def test_patched_fp32_model_trains_under_autocast_like_the_unpatched(four_bit, backend, request):
-    """The mixed-precision recipe (fp32 weights, bf16 autocast): loss and LoRA gradients of the patched model within
-    twice the unpatched model's error against the fp64 model. Across the LoRA gradients taken together (normwise):
-    one tensor's largest element error is too noisy in bf16 for a one-step check (its ratio spread over 1.1-2.5
-    across seeds; the normwise one over 0.7-1.3, measured); a wrong path moves it by orders of magnitude. A forced
-    backend also patches RoPE (left alone on a CPU otherwise), which then meets bf16 q and k with fp32 cos and sin."""
+    """The mixed-precision recipe (fp32 weights, bf16 autocast): over three batches, the patched model's loss and
+    LoRA gradients within twice the unpatched model's error against the fp64 model.
+
+    The errors are pooled (root mean square over the batches; the gradients normwise over every LoRA tensor):
+    one batch's loss error swings tenfold between batches for either model (measured 0.8e-4 to 7e-4), and one
+    tensor's largest element error is as noisy (its patched/unpatched ratio spread over 1.1-2.5 across seeds,
+    the normwise one over 0.7-1.3); a wrong path moves them by orders of magnitude. A forced backend also patches
+    RoPE (left alone on a CPU otherwise), which then meets bf16 q and k with fp32 cos and sin."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastlora.testing import nf4_decoder
@@ -189,28 +187,34 @@ def test_patched_fp32_model_trains_under_autocast_like_the_unpatched(four_bit, b
     if four_bit:
         base = nf4_decoder(base)
     unpatched = peft_lora_model(base)
-    ids = torch.randint(0, 128, (2, 16))
+    # The fp64 model: the same weights (a 4-bit base as its dequantized values), no autocast.
+    exact = copy.deepcopy(unpatched)
+    if four_bit:
+        _dequantize_decoder(exact)
+    exact.double()
+    patched = copy.deepcopy(unpatched)
+    report = fastlora.patch(patched, backend=backend)
+    assert any("apply_rope" in what for _, what in report.patched) == (backend != "auto")
 
-    def run(model, autocast):
+    def run(model, ids, autocast):
         model.zero_grad(set_to_none=True)
         with _autocast(autocast):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         return loss.double(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
 
-    # The fp64 model: the same weights (a 4-bit base as its dequantized values), no autocast.
-    exact = copy.deepcopy(unpatched)
-    if four_bit:
-        _dequantize_decoder(exact)
-    loss64, grads64 = run(exact.double(), False)
-    patched = copy.deepcopy(unpatched)
-    report = fastlora.patch(patched, backend=backend)
-    assert any("apply_rope" in what for _, what in report.patched) == (backend != "auto")
-    loss_u, grads_u = run(unpatched, True)
-    loss_p, grads_p = run(patched, True)
-    assert grads_p.keys() == grads_u.keys() == grads64.keys()
-    assert abs(loss_p - loss64) <= 2 * abs(loss_u - loss64) + 1e-4
-    assert _rel_error(grads_p, grads64) <= 2 * _rel_error(grads_u, grads64)
+    squared = {"unpatched": [0.0, 0.0], "patched": [0.0, 0.0]}  # [loss error^2, gradient error^2] summed
+    for seed in range(3):
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
+        loss64, grads64 = run(exact, ids, False)
+        for name, model in (("unpatched", unpatched), ("patched", patched)):
+            loss, grads = run(model, ids, True)
+            assert grads.keys() == grads64.keys()
+            squared[name][0] += float(loss - loss64) ** 2
+            squared[name][1] += sum(float(((grads[n] - grads64[n]) ** 2).sum()) for n in grads64)
+    for i, what in enumerate(("loss", "LoRA gradients")):
+        got, bound = math.sqrt(squared["patched"][i]), 2 * math.sqrt(squared["unpatched"][i])
+        assert got <= bound, f"{what}: patched error {got:.3e}, unpatched x2 {bound:.3e}"
 
 
 def _dequantize_decoder(model):
