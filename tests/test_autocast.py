@@ -14,13 +14,15 @@ from fastlora import NF4Weight
 from fastlora.ops.lora import lora_linear_reference
 from fastlora.ops.lora_mlp import lora_mlp_reference
 from fastlora.ops.nf4_matmul import nf4_matmul
-from fastlora.patching import lora_args
+from fastlora.patching import FAMILIES, lora_args
 from fastlora.testing import assert_close_to_reference, lora_grads, make_peft_lora_layer, peft_lora_model
 
 pytest.importorskip("peft")
 
 BF16 = torch.bfloat16
 K, N = 48, 40
+VOCAB = 128
+BATCHES = 4
 
 
 def _autocast(enabled=True):
@@ -164,14 +166,8 @@ def test_lora_linear_compiles_under_autocast():
                          [(False, "auto"), (True, "auto"), (False, "torch"), (False, "triton")],
                          ids=["dense", "nf4", "dense-torch", "dense-triton"])
 def test_patched_fp32_model_trains_under_autocast_like_the_unpatched(four_bit, backend, request):
-    """The mixed-precision recipe (fp32 weights, bf16 autocast): over three batches, the patched model's loss and
-    LoRA gradients within twice the unpatched model's error against the fp64 model.
-
-    The errors are pooled (root mean square over the batches; the gradients normwise over every LoRA tensor):
-    one batch's loss error swings tenfold between batches for either model (measured 0.8e-4 to 7e-4), and one
-    tensor's largest element error is as noisy (its patched/unpatched ratio spread over 1.1-2.5 across seeds,
-    the normwise one over 0.7-1.3); a wrong path moves them by orders of magnitude. A forced backend also patches
-    RoPE (left alone on a CPU otherwise), which then meets bf16 q and k with fp32 cos and sin."""
+    """The mixed-precision recipe (fp32 weights, bf16 autocast) on a Llama, dense or 4-bit. A forced backend also
+    patches RoPE (left alone on a CPU otherwise), which then meets bf16 q and k with fp32 cos and sin."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fastlora.testing import nf4_decoder
@@ -181,16 +177,39 @@ def test_patched_fp32_model_trains_under_autocast_like_the_unpatched(four_bit, b
     if backend == "triton":
         request.getfixturevalue("triton_device")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
     base = LlamaForCausalLM(config)
-    if four_bit:
-        base = nf4_decoder(base)
+    _like_the_unpatched_under_autocast(nf4_decoder(base) if four_bit else base, backend)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_family_trains_under_autocast_like_the_unpatched(model_type):
+    import transformers
+
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    common.update(pad_token_id=0) if model_type == "phi3" else common.update(head_dim=16)
+    if model_type in ("gemma2", "gemma3_text"):
+        common["final_logit_softcapping"] = 30.0
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **common))
+    _like_the_unpatched_under_autocast(base.float(), "auto")
+
+
+def _like_the_unpatched_under_autocast(base, backend):
+    """Over several batches: the patched model's LoRA gradients within twice the unpatched model's error against
+    the fp64 model, and its loss the unpatched one's to within one bf16 epsilon (relative).
+
+    The gradient errors are pooled normwise over every LoRA tensor and the batches: one tensor's largest element
+    error is too noisy in bf16 (its patched/unpatched ratio spread over 1.1-2.5 across seeds, the normwise one over
+    0.7-1.3), and so is one loss (its error against fp64 swings tenfold between batches for either model, and its
+    pooled patched/unpatched ratio still reached 2 on Gemma over eight batches, 0.6 over twelve). A 2% error in the
+    q/k/v LoRA scaling fails the gradient check (checked)."""
     unpatched = peft_lora_model(base)
     # The fp64 model: the same weights (a 4-bit base as its dequantized values), no autocast.
     exact = copy.deepcopy(unpatched)
-    if four_bit:
-        _dequantize_decoder(exact)
+    _dequantize_decoder(exact)
     exact.double()
     patched = copy.deepcopy(unpatched)
     report = fastlora.patch(patched, backend=backend)
@@ -203,24 +222,26 @@ def test_patched_fp32_model_trains_under_autocast_like_the_unpatched(four_bit, b
         loss.backward()
         return loss.double(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
 
-    squared = {"unpatched": [0.0, 0.0], "patched": [0.0, 0.0]}  # [loss error^2, gradient error^2] summed
-    for seed in range(3):
-        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
-        loss64, grads64 = run(exact, ids, False)
+    squared = {"unpatched": 0.0, "patched": 0.0}  # gradient errors, squared and summed
+    for seed in range(BATCHES):
+        ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(seed))
+        _, grads64 = run(exact, ids, False)
+        losses = {}
         for name, model in (("unpatched", unpatched), ("patched", patched)):
-            loss, grads = run(model, ids, True)
+            losses[name], grads = run(model, ids, True)
             assert grads.keys() == grads64.keys()
-            squared[name][0] += float(loss - loss64) ** 2
-            squared[name][1] += sum(float(((grads[n] - grads64[n]) ** 2).sum()) for n in grads64)
-    for i, what in enumerate(("loss", "LoRA gradients")):
-        got, bound = math.sqrt(squared["patched"][i]), 2 * math.sqrt(squared["unpatched"][i])
-        assert got <= bound, f"{what}: patched error {got:.3e}, unpatched x2 {bound:.3e}"
+            squared[name] += sum(float(((grads[n] - grads64[n]) ** 2).sum()) for n in grads64)
+        assert abs(losses["patched"] - losses["unpatched"]) <= 2.0**-8 * abs(losses["unpatched"]), losses
+    got, bound = math.sqrt(squared["patched"]), 2 * math.sqrt(squared["unpatched"])
+    assert got <= bound, f"LoRA gradients: patched error {got:.3e}, unpatched x2 {bound:.3e}"
 
 
 def _dequantize_decoder(model):
     """Swap each bitsandbytes 4-bit base layer of a PEFT model for an nn.Linear holding its dequantized weight."""
-    import bitsandbytes as bnb
-
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return  # then the model has no 4-bit layer
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
