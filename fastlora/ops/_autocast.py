@@ -3,9 +3,9 @@
 Two rules:
 - Inside an op, autocast is off. Autocast recasts the GEMMs it sees (``mm``, ``addmm``, ...) to its dtype, so an
   op that keeps fp32 adapters beside bf16 activations, or accumulates into a buffer in place, would get operands of
-  mixed dtypes and fail (or silently change precision). The registered implementations, the forward and backward
-  of the autograd Functions that run GEMMs themselves (autograd may run a backward inside the caller's autocast
-  region) and the functional APIs' bodies run with it off.
+  mixed dtypes and fail (or silently change precision). The registered implementations, the functional APIs'
+  bodies (which hold the autograd Functions' forward) and the backward of the Functions that run GEMMs themselves
+  (autograd may run a backward inside the caller's autocast region) run with it off.
 - The ops that stand in for a linear layer decide their GEMM dtype as ``F.linear`` does under autocast: the
   autocast dtype of the input's device (see :func:`autocast_dtype`); the functional APIs apply it.
 """

@@ -106,7 +106,6 @@ define("fused_linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, T
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    @autocast_off
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                 scale: torch.Tensor, options: tuple, reduction: str, max_chunk_bytes: int,
                 backend: str) -> torch.Tensor:

@@ -215,7 +215,6 @@ class LoRALinearFunction(torch.autograd.Function):
     """``apply(x [M, K], base, bias, scaling, dropout_p, n, *A, *B, *lora_bias)``; returns ``[M, N]``."""
 
     @staticmethod
-    @autocast_off
     def forward(ctx, x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None,
                 scaling: tuple[float, ...], dropout_p: tuple[float, ...], n: int,
                 *adapters: torch.Tensor | None) -> torch.Tensor:

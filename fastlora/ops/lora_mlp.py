@@ -68,7 +68,6 @@ class LoRAMLPFunction(torch.autograd.Function):
     """``apply(x [M, K], gate_up bases, down base, activation, scalings, dropout_ps, n, *A, *B, *biases)``."""
 
     @staticmethod
-    @autocast_off
     def forward(ctx, x: torch.Tensor, gu_bases: tuple[Base, ...], down_base: Base, activation: str,
                 scaling: tuple[float, ...], dropout_p: tuple[float, ...], n: int,
                 *tensors: torch.Tensor | None) -> torch.Tensor:

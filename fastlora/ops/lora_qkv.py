@@ -136,7 +136,6 @@ class LoRAQKVFunction(torch.autograd.Function):
     """``apply(x [M, K], bases, dropout_p, scaling, *A, *B, *biases)`` -> ``[M, Nq + Nk + Nv]``."""
 
     @staticmethod
-    @autocast_off
     def forward(ctx, x: torch.Tensor, bases: tuple[Base, ...], dropout_p: tuple[float, ...],
                 scaling: tuple[float, ...], *tensors: torch.Tensor | None) -> torch.Tensor:
         n = len(bases)
