@@ -15,10 +15,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _tanh(b_u):
+    # Triton has no tanh that also runs in the interpreter (libdevice's is GPU-only). 1 - 2 / (exp(2u) + 1)
+    # saturates cleanly at +-1 but cancels for small |u| (3.5e-6 absolute error in a capped logit at softcap 30,
+    # 8x torch.tanh's), so below 0.625 use Cephes' tanhf polynomial instead (at most 2.4 ulp, measured).
+    b_z = b_u * b_u
+    b_p = (((-5.70498872745e-3 * b_z + 2.06390887954e-2) * b_z - 5.37397155531e-2) * b_z
+           + 1.33314422036e-1) * b_z - 3.33332819422e-1
+    b_small = b_u + b_u * b_z * b_p
+    b_large = 1.0 - 2.0 / (tl.exp(2.0 * b_u) + 1.0)
+    return tl.where(tl.abs(b_u) < 0.625, b_small, b_large)
+
+
+@triton.jit
 def _capped(b_x, softcap, SOFTCAP: tl.constexpr):
     if SOFTCAP:
-        # softcap * tanh(x / softcap), with tanh(u) = 1 - 2 / (exp(2u) + 1): saturates cleanly at +-1.
-        b_x = softcap * (1.0 - 2.0 / (tl.exp(2.0 * b_x / softcap) + 1.0))
+        b_x = softcap * _tanh(b_x / softcap)
     return b_x
 
 
@@ -62,8 +74,7 @@ def cross_entropy_fwd_kernel(p_logits, p_labels, p_grad, p_loss, p_lse, p_scale,
         for v0 in range(0, V, BLOCK_V):
             o_v = v0 + tl.arange(0, BLOCK_V)
             m_v = o_v < V
-            b_raw = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BLOCK_V]
-            b_x = _capped(b_raw, softcap, SOFTCAP)
+            b_x = _capped(tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32), softcap, SOFTCAP)  # [BLOCK_V]
             b_g = tl.exp(b_x - b_lse) * (1.0 + 2.0 * z_loss * b_lse) - label_smoothing / V
             b_g = tl.where(o_v == b_label, b_g - (1.0 - label_smoothing), b_g)
             if SOFTCAP:

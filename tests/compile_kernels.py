@@ -128,6 +128,7 @@ def _cases() -> list[tuple[str, bool, Callable[[], None]]]:
             (f"rope partial backward {name}", turing, rope_case(dtype, 96, True)),
             (f"cross_entropy {name}", turing, ce_case(dtype, None, True)),
             (f"cross_entropy softcap no-grad {name}", turing, ce_case(dtype, 30.0, False)),
+            (f"cross_entropy softcap {name}", turing, ce_case(dtype, 30.0, True)),
             (f"swiglu {name}", turing, swiglu_case(dtype, False)),
             (f"swiglu backward {name}", turing, swiglu_case(dtype, True)),
         ]
