@@ -29,9 +29,9 @@ def empty_like(t: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Te
     return _poison(out) if POISON else out
 
 
-def empty_like_strided(t: torch.Tensor) -> torch.Tensor:
+def empty_like_strided(t: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """torch.empty_like keeping ``t``'s strides (for outputs that must share an input's memory layout)."""
-    out = torch.empty_like(t, memory_format=torch.preserve_format)
+    out = torch.empty_like(t, dtype=dtype or t.dtype, memory_format=torch.preserve_format)
     return _poison(out) if POISON else out
 
 

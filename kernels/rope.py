@@ -39,6 +39,7 @@ def _rotate_heads(p_x, p_y, o_bs_x, o_bs_y, sx_h, sy_h, n_heads, b_c1, b_c2, b_s
             o_p = 2 * HALF + tl.arange(0, BLOCK_P)  # [BLOCK_P]
             m_p = m_h[:, None] & (o_p < D)[None, :]
             b_p = tl.load(p_x + o_bs_x + o_h[:, None].to(tl.int64) * sx_h + o_p[None, :], mask=m_p)
+            b_p = b_p.to(p_y.dtype.element_ty)  # [BLOCK_H, BLOCK_P]; the output may be promoted (bf16 q, fp32 cos)
             tl.store(p_y + o_bs_y + o_h[:, None].to(tl.int64) * sy_h + o_p[None, :], b_p, mask=m_p)
 
 
@@ -71,6 +72,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     Args:
         q, k, q_out, k_out: ``[B, H, S, D]`` views in any strides whose last dimension is contiguous (``head_dim``
             names which of dims 1 and 2 holds the heads: 1 for HF's ``[B, H, S, D]``, 2 for ``[B, S, H, D]``).
+            The outputs may have another float dtype than the inputs: the rotation is computed in fp32 and
+            rounded once to theirs.
         cos, sin: ``[B or 1, S, ROT]`` with a contiguous last dimension; ``ROT <= D`` is even.
         backward: apply the transposed rotation (the gradient of the forward).
     """

@@ -96,12 +96,13 @@ def _cases() -> list[tuple[str, bool, Callable[[], None]]]:
         return lambda: nf4_matmul.nf4_matmul(x, data, absmax, code2, absmax2, offset, 64, n, k, out, trans_w=trans,
                                              e1=e1, e2=e2, bias=None if trans else torch.zeros(n, dtype=dtype))
 
-    def rope_case(dtype: torch.dtype, rot: int, backward: bool) -> Callable[[], None]:
+    def rope_case(dtype: torch.dtype, rot: int, backward: bool, out: torch.dtype | None = None,
+                  cos_dtype: torch.dtype | None = None) -> Callable[[], None]:
         q = torch.zeros(2, 16, 32, 128, dtype=dtype).transpose(1, 2)  # HF's [B, H, S, D] view of [B, S, H, D]
         k = torch.zeros(2, 16, 8, 128, dtype=dtype).transpose(1, 2)
-        cos, sin = torch.zeros(1, 16, rot, dtype=dtype), torch.zeros(1, 16, rot, dtype=dtype)
-        return lambda: rope.rope(q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), head_dim=1,
-                                 backward=backward)
+        cos = sin = torch.zeros(1, 16, rot, dtype=cos_dtype or dtype)
+        return lambda: rope.rope(q, k, cos, sin, torch.empty_like(q, dtype=out), torch.empty_like(k, dtype=out),
+                                 head_dim=1, backward=backward)
 
     def ce_case(dtype: torch.dtype, softcap: float | None, grad: bool) -> Callable[[], None]:
         logits, labels = torch.zeros(4, 128256, dtype=dtype), torch.zeros(4, dtype=torch.int64)
@@ -135,6 +136,10 @@ def _cases() -> list[tuple[str, bool, Callable[[], None]]]:
         cases += [(f"glu {act}{' backward' if bwd else ''} {name}", turing, glu_case(dtype, act, bwd))
                   for act in ("silu", "gelu_tanh", "gelu") for bwd in (False, True)]
         if dtype is not torch.float32:  # the NF4 GEMM runs in the 16-bit compute dtypes on a GPU
+            # Autocast's bf16 q and k with fp32 cos and sin: fp32 out, then the gradients back to the 16-bit dtype.
+            f32 = torch.float32
+            cases += [(f"rope partial promoted {name}", turing, rope_case(dtype, 96, False, f32, f32)),
+                      (f"rope partial promoted backward {name}", turing, rope_case(f32, 96, True, dtype))]
             cases += [(f"nf4_matmul {name}", turing, nf4_matmul_case(dtype, False)),
                       (f"nf4_matmul transposed {name}", turing, nf4_matmul_case(dtype, True))]
     return cases

@@ -195,3 +195,47 @@ def test_benchmark_suite_gates_every_provider(monkeypatch):
         assert results[key].status == "ok", (key, results[key].reason)
         assert results[key].max_error is None or results[key].max_error < 1e-5
     assert results[("fastlora-inplace", "backward")].status == "skipped"
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize(("dtype", "cos_dtype"), [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                  (torch.float32, torch.bfloat16)], ids=["bf16-fp32", "fp16-fp32",
+                                                                                           "fp32-bf16"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_output_dtype_promotes_as_transformers_does(backend, dtype, cos_dtype, family, device):
+    """transformers' q * cos + rotate_half(q) * sin promotes (bf16 q and k with fp32 cos and sin, as under
+    autocast, give fp32): a drop-in returns that dtype, while the gradients keep q's and k's."""
+    if backend == "triton" and not fastlora.device_info(device).triton_usable:
+        pytest.skip("Triton unusable here")
+    cos, sin, hf_apply = _rotary(family)
+    cos, sin = cos.to(device, cos_dtype), sin.to(device, cos_dtype)
+    q, k = (t.to(device) for t in _qk(dtype))
+    leaf_q, leaf_k, ql, kl = (t.detach().clone().requires_grad_(True) for t in (q, k, q, k))
+    q64, k64 = q.detach().double().requires_grad_(True), k.detach().double().requires_grad_(True)
+    oq, ok = fastlora.apply_rope(leaf_q, leaf_k, cos, sin, backend=backend)
+    rql, rkl = hf_apply(ql, kl, cos, sin)
+    rq64, rk64 = hf_apply(q64, k64, cos.double(), sin.double())
+    where = f"{backend} {family} q {dtype} cos {cos_dtype}"
+    assert (oq.dtype, ok.dtype) == (rql.dtype, rkl.dtype) == (torch.promote_types(dtype, cos_dtype),) * 2, where
+    assert_close_to_reference(oq, rq64, rql, name=f"{where} q")
+    assert_close_to_reference(ok, rk64, rkl, name=f"{where} k")
+
+    g = torch.Generator().manual_seed(1)
+    gq, gk = torch.randn(oq.shape, generator=g).to(device), torch.randn(ok.shape, generator=g).to(device)
+    for outs in ((oq, ok), (rql, rkl), (rq64, rk64)):
+        (outs[0] * gq.to(outs[0].dtype)).sum().add((outs[1] * gk.to(outs[1].dtype)).sum()).backward()
+    assert leaf_q.grad.dtype == leaf_k.grad.dtype == ql.grad.dtype == dtype
+    assert_close_to_reference(leaf_q.grad, q64.grad, ql.grad, name=f"{where} dq")
+    assert_close_to_reference(leaf_k.grad, k64.grad, kl.grad, name=f"{where} dk")
+
+    # In place, q and k keep their dtype, as torch's in-place ops (q.mul_(cos)) do.
+    qi, ki = (t.detach().clone() for t in (q, k))
+    assert fastlora.apply_rope(qi, ki, cos, sin, inplace=True, backend=backend)[0] is qi and qi.dtype == dtype
+    assert_close_to_reference(qi, rq64, rql.to(dtype), name=f"{where} q in place")
+
+
+def test_cos_and_sin_of_another_kind_are_refused():
+    q, k = _qk(torch.float32)
+    cos, sin, _ = _rotary("llama")
+    with pytest.raises(TypeError, match="apply_rope: cos must be float32, float16 or bfloat16, got torch.float64"):
+        fastlora.apply_rope(q, k, cos.double(), sin)

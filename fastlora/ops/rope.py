@@ -17,7 +17,8 @@ _OP = "rope"
 _BACKENDS = frozenset(b.value for b in Backend)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, backward: bool) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, backward: bool,
+            dtype: torch.dtype) -> torch.Tensor:
     rot = cos.shape[-1]
     c = cos.unsqueeze(head_dim).float()
     s = sin.unsqueeze(head_dim).float()
@@ -29,36 +30,39 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
         turned = torch.cat((x2 * s[..., half:], -x1 * s[..., :half]), -1)
     else:
         turned = torch.cat((-x2, x1), -1) * s
-    y = (xr * c + turned).to(x.dtype)
-    return torch.cat((y, x[..., rot:]), -1) if rot < x.shape[-1] else y
+    y = (xr * c + turned).to(dtype)
+    return torch.cat((y, x[..., rot:].to(dtype)), -1) if rot < x.shape[-1] else y
 
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int = 1,
-                   backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' rotation in fp32, rounded once to the input dtype (the oracle and the TORCH backend).
+                   backward: bool = False,
+                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' rotation in fp32, rounded once to ``dtype`` (default q's; the oracle and the TORCH backend).
 
     With ``backward`` it applies the transpose, mapping the outputs' gradients to the inputs'.
     """
-    return _rotate(q, cos, sin, head_dim, backward), _rotate(k, cos, sin, head_dim, backward)
+    dtype = dtype or q.dtype
+    return _rotate(q, cos, sin, head_dim, backward, dtype), _rotate(k, cos, sin, head_dim, backward, dtype)
 
 
 def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, backward: bool,
-          backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+          backend: str = "auto", dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     b, _ = resolve_backend(_OP, q.device, q.dtype, backend)
     # Outputs keep the inputs' memory layout (HF's [B, S, H, D] storage behind a [B, H, S, D] view).
-    q_out, k_out = empty_like_strided(q), empty_like_strided(k)
+    q_out, k_out = empty_like_strided(q, dtype=dtype), empty_like_strided(k, dtype=dtype)
     if b is Backend.TRITON:
         from ..kernels import rope as kernels
 
         kernels.rope(q, k, cos, sin, q_out, k_out, head_dim=head_dim, backward=backward)
         return q_out, k_out
-    q_ref, k_ref = rope_reference(q, k, cos, sin, head_dim, backward)
+    q_ref, k_ref = rope_reference(q, k, cos, sin, head_dim, backward, q_out.dtype)
     return q_out.copy_(q_ref), k_out.copy_(k_ref)
 
 
 def _rope_fake(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
-               backward: bool, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(q), torch.empty_like(k)
+               backward: bool, backend: str = "auto",
+               dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q, dtype=dtype or q.dtype), torch.empty_like(k, dtype=dtype or k.dtype)
 
 
 def _rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, backward: bool,
@@ -80,28 +84,29 @@ def _rope_fake_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
 
 
 _ARGS = "Tensor cos, Tensor sin, int head_dim, bool backward, str backend='auto'"
-define(f"rope(Tensor q, Tensor k, {_ARGS}) -> (Tensor, Tensor)", _rope, _rope_fake)
+define(f"rope(Tensor q, Tensor k, {_ARGS}, ScalarType? dtype=None) -> (Tensor, Tensor)", _rope, _rope_fake)
 define(f"rope_(Tensor(a!) q, Tensor(b!) k, {_ARGS}) -> ()", _rope_, _rope_fake_)
 
 
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
-                inplace: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                inplace: bool, backend: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(cos, sin)
-        ctx.head_dim, ctx.backend = head_dim, backend
+        ctx.head_dim, ctx.backend, ctx.in_dtype = head_dim, backend, q.dtype
         if inplace:
             torch.ops.fastlora.rope_(q, k, cos, sin, head_dim, False, backend)
             ctx.mark_dirty(q, k)
             return q, k
-        return torch.ops.fastlora.rope(q, k, cos, sin, head_dim, False, backend)
+        return torch.ops.fastlora.rope(q, k, cos, sin, head_dim, False, backend, dtype)
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor | None, dk: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         cos, sin = ctx.saved_tensors
         dq, dk = _last_dim_contiguous(dq), _last_dim_contiguous(dk)
-        gq, gk = torch.ops.fastlora.rope(dq, dk, cos, sin, ctx.head_dim, True, ctx.backend)
-        return gq, gk, None, None, None, None, None
+        # The gradients arrive in the (maybe promoted) output dtype and leave in q's and k's, rounded once.
+        gq, gk = torch.ops.fastlora.rope(dq, dk, cos, sin, ctx.head_dim, True, ctx.backend, ctx.in_dtype)
+        return gq, gk, None, None, None, None, None, None
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -116,16 +121,21 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     Args:
         q: ``[B, Hq, S, D]`` when ``unsqueeze_dim=1`` (HF's transposed view is read in place, no copy), or
             ``[B, S, Hq, D]`` when ``unsqueeze_dim=2``; float32, float16 or bfloat16.
-        k: the same layout with ``Hk`` heads (GQA: ``Hk`` may differ from ``Hq``).
-        cos, sin: ``[B or 1, S, R]`` in the half-split layout, as HF's rotary embeddings make them, any rope type.
+        k: the same layout with ``Hk`` heads (GQA: ``Hk`` may differ from ``Hq``), q's dtype.
+        cos, sin: ``[B or 1, S, R]`` in the half-split layout, as HF's rotary embeddings make them, any rope type;
+            float32, float16 or bfloat16, not necessarily q's (under autocast q and k are bf16, cos and sin fp32).
             ``R <= D``: only the first ``R`` features rotate (partial rotary, as in Phi3). No gradient flows to them.
         position_ids: unused, as in transformers (its old signature had it); pass ``unsqueeze_dim`` by keyword.
         unsqueeze_dim: 1 or 2, as in transformers.
-        inplace: rotate q and k in their own memory (declared to autograd) instead of returning new tensors.
+        inplace: rotate q and k in their own memory (declared to autograd) instead of returning new tensors. They
+            keep their dtype, as torch's in-place ops do (``q.mul_(cos)``): with fp32 cos and bf16 q the result is
+            then bf16, not the fp32 that transformers (and ``inplace=False``) return.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
-        ``(q_rotated, k_rotated)`` with the shapes and dtypes of q and k (q and k themselves when ``inplace``).
+        ``(q_rotated, k_rotated)`` with the shapes of q and k, in ``torch.promote_types(q.dtype, cos.dtype)``
+        (and sin's), as transformers' ``q * cos + rotate_half(q) * sin`` gives: bf16 q with fp32 cos and sin
+        give fp32. The gradients of q and k come back in their own dtype. With ``inplace``, q and k themselves.
 
     Example:
         >>> cos, sin = model.model.rotary_emb(hidden, position_ids)      # [B, S, D]
@@ -160,6 +170,11 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if cos.device != q.device or sin.device != q.device or k.device != q.device:
         raise ValueError(f"apply_rope: q, k, cos and sin must be on one device, got {q.device}, {k.device}, "
                          f"{cos.device}, {sin.device}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"apply_rope: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    # transformers' q * cos + rotate_half(q) * sin promotes: a drop-in returns the dtype the original does.
+    dtype = torch.promote_types(torch.promote_types(q.dtype, cos.dtype), sin.dtype)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("apply_rope: cos and sin require grad, but no gradient flows to them (they come from "
                          "the rotary embedding's buffers); detach them")
@@ -172,5 +187,5 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         raise ValueError("apply_rope: inplace needs q and k with a contiguous last dimension")
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     if inplace or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-        return RoPEFunction.apply(q, k, cos, sin, unsqueeze_dim, inplace, name)
-    return torch.ops.fastlora.rope(q, k, cos, sin, unsqueeze_dim, False, name)
+        return RoPEFunction.apply(q, k, cos, sin, unsqueeze_dim, inplace, name, dtype)
+    return torch.ops.fastlora.rope(q, k, cos, sin, unsqueeze_dim, False, name, dtype)
