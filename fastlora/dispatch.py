@@ -184,6 +184,34 @@ def decide(op: str, device: DeviceInfo | torch.device | str | int | None = None,
     return _resolve_cached(op, info, dtype, want, source, native)
 
 
+def would_run(op: str, backend: Backend, device: DeviceInfo | torch.device | str | int | None = None,
+              dtype: torch.dtype | None = None, *, native: frozenset[tuple[str, str]] | None = None) -> bool:
+    """Whether a call of ``op`` here would run on ``backend``: for a fast path that a caller takes only when it
+    would run, serving the call with other ops otherwise (as ``lora_linear`` does with ``nf4_matmul`` for a few
+    rows over NF4, else dequantize and GEMM).
+
+    A request for every op (``use_backend("cpp")``, ``FASTLORA_BACKEND``) that ``op`` cannot honour answers
+    False instead of raising: the other path resolves its own ops under the same request, and raises there if
+    they cannot run either. A request naming ``op`` itself (``use_backend(op=...)``, ``FASTLORA_BACKEND_<OP>``)
+    is resolved as the op's call would be, and raises as it would.
+
+    Example:
+        >>> with fastlora.use_backend("cpp"):
+        ...     would_run("nf4_matmul", Backend.TRITON, "cpu", torch.float32)
+        False
+    """
+    info = device if isinstance(device, DeviceInfo) else device_info(device)
+    want, source, every_op = _request(op, Backend.AUTO)
+    if want is Backend.AUTO or not every_op:
+        return _resolve_cached(op, info, dtype, want, source, native).backend is backend
+    policy = _POLICIES.get(op)
+    if want is not backend or policy is None or backend not in policy.candidates:
+        return False
+    if dtype is not None and dtype not in policy.dtypes:
+        return False
+    return _why_not(policy, backend, Target(op, info, dtype, native), auto=False) is None
+
+
 def plan(device: DeviceInfo | torch.device | str | int | None = None, dtype: torch.dtype | None = None, *,
          native: frozenset[tuple[str, str]] | None = None) -> list[Decision]:
     """Every registered op's decision on ``device`` at ``dtype`` (default: the device's compute dtype).
@@ -225,18 +253,25 @@ def use_backend(backend: Backend | str | None = None, /, **per_op: Backend | str
 
 
 def _requested(op: str, requested: Backend) -> tuple[Backend, str]:
+    want, source, _ = _request(op, requested)
+    return want, source
+
+
+def _request(op: str, requested: Backend) -> tuple[Backend, str, bool]:
+    """(backend, where the request came from, whether it was made for every op rather than this one)."""
     if requested is not Backend.AUTO:
-        return requested, "requested by the caller"
+        return requested, "requested by the caller", False
     ctx = _requests.get()
     if ctx:
         for key, source in ((op, f"use_backend({op}=...)"), (_GLOBAL, "use_backend(...)")):
             if key in ctx:
-                return ctx[key], source
-    for var in _env_names(op):
+                return ctx[key], source, key == _GLOBAL
+    per_op, every = _env_names(op)
+    for var in (per_op, every):
         value = os.environ.get(var)
         if value:
-            return Backend.parse(value, what=var), f"{var}={value}"
-    return Backend.AUTO, "auto"
+            return Backend.parse(value, what=var), f"{var}={value}", var == every
+    return Backend.AUTO, "auto", False
 
 
 @functools.cache

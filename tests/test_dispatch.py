@@ -203,3 +203,27 @@ def test_real_cpu_resolution():
     backend, reason = resolve_backend("swiglu", "cpu", fp32)
     native = dispatch._native_kernels()
     assert backend is (CPP if ("swiglu", "cpu") in native else TORCH)
+
+
+def test_would_run_answers_for_requests_made_for_every_op(monkeypatch):
+    """A fast path's question ("would nf4_matmul run on Triton here?") is answered, not raised, under a request
+    for every op that the op cannot honour; a request naming the op is held to."""
+    cpu = SIMULATED_DEVICES["cpu"].replace(triton_usable=True, triton_reason="interpreter")
+    a100, t4 = SIMULATED_DEVICES["a100"], SIMULATED_DEVICES["t4"]
+    would_run = dispatch.would_run
+    assert would_run("nf4_matmul", T, a100, bf16, native=NATIVE_ALL)
+    assert not would_run("nf4_matmul", T, cpu, fp32, native=NATIVE_ALL)  # auto: not the interpreter
+    with use_backend("cpp"):
+        assert not would_run("nf4_matmul", T, cpu, fp32, native=NATIVE_ALL)
+        with pytest.raises(BackendUnavailableError, match="nf4_matmul has no cpp"):
+            resolve_backend("nf4_matmul", cpu, fp32, native=NATIVE_ALL)  # a call still raises
+    with use_backend("triton"):
+        assert would_run("nf4_matmul", T, cpu, fp32, native=NATIVE_ALL)
+        assert not would_run("nf4_matmul", T, t4, bf16, native=NATIVE_ALL)  # the other path raises, if anything
+    with use_backend(nf4_matmul="cpp"), pytest.raises(BackendUnavailableError, match="use_backend\\(nf4_matmul"):
+        would_run("nf4_matmul", T, cpu, fp32, native=NATIVE_ALL)
+    monkeypatch.setenv("FASTLORA_BACKEND", "cuda")
+    assert not would_run("nf4_matmul", T, a100, bf16, native=NATIVE_ALL)
+    monkeypatch.setenv("FASTLORA_BACKEND_NF4_MATMUL", "cuda")
+    with pytest.raises(BackendUnavailableError, match="FASTLORA_BACKEND_NF4_MATMUL=cuda"):
+        would_run("nf4_matmul", T, a100, bf16, native=NATIVE_ALL)

@@ -255,3 +255,67 @@ def test_lora_args_refuses_variants_and_follows_peft_state():
     with pytest.raises(UnsupportedLoRA, match="DoRA adapter 'd'"):
         lora_args(dora)
 
+
+def _nf4_ops_under(backend, monkeypatch):
+    """lora_linear (a few rows: the fused NF4 GEMM's case), lora_qkv and lora_mlp over NF4 bases under
+    ``use_backend(backend)``: their outputs and gradients, and how many times the C++ dequantize ran."""
+    from fastlora.ops.lora_mlp import LoRAProjection
+
+    native = torch.ops.fastlora.native_nf4_dequantize
+    calls = []
+    monkeypatch.setattr(torch.ops.fastlora, "native_nf4_dequantize", lambda *a: calls.append(1) or native(*a))
+    g = torch.Generator().manual_seed(0)
+    k, n, inter, r = 64, 48, 96, 4
+    w, w_up, w_down = (fastlora.quantize_nf4(torch.randn(shape, generator=g)) for shape in ((n, k), (inter, k),
+                                                                                            (k, inter)))
+    leaves = [torch.randn(shape, generator=g).requires_grad_(True)
+              for shape in ((2, 3, k), (r, k), (n, r), (r, k), (inter, r), (r, inter), (k, r))]
+    x, a, b, a_up, b_up, a_down, b_down = leaves
+    out = {}
+    with fastlora.use_backend(backend):
+        out["lora_linear"] = fastlora.lora_linear(x, w, a, b, 2.0)
+        out["lora_qkv"] = torch.cat(fastlora.lora_qkv(x, [w, w], [a, a], [b, b], [2.0, 0.5]), -1)
+        for y in out.values():
+            y.square().sum().backward()
+        # glu has no C++ kernel: under use_backend("cpp") it needs its own request (see the test below).
+        with fastlora.use_backend(glu="torch"):
+            out["lora_mlp"] = fastlora.lora_mlp(x, [LoRAProjection(w_up, a_up, b_up, 2.0),
+                                                    LoRAProjection(w_up, a_up, b_up, 0.5)],
+                                                LoRAProjection(w_down, a_down, b_down, 2.0))
+            out["lora_mlp"].square().sum().backward()
+    grads = {name: t.grad for name, t in zip("x a b a_up b_up a_down b_down".split(), leaves, strict=True)}
+    return out, grads, len(calls)
+
+
+def test_nf4_ops_run_under_use_backend_cpp(monkeypatch):
+    """use_backend("cpp") forces every op to its C++ kernel. The fused small-M NF4 GEMM has none (Triton only), so
+    lora_linear must answer "not here" and dequantize (in C++) then GEMM, not raise for nf4_matmul."""
+    if ("nf4_dequantize", "cpu") not in fastlora.dispatch._native_kernels():
+        pytest.skip(f"native extension unavailable: {fastlora._native.load_error()}")
+    got, got_grads, native_calls = _nf4_ops_under("cpp", monkeypatch)
+    # Forward and backward: lora_linear 1 + 1, lora_qkv 2 + 2, lora_mlp 3 + 3 (gate/up dequantized again
+    # for dX, down for dH).
+    assert native_calls == 12
+    want, want_grads, torch_calls = _nf4_ops_under("torch", monkeypatch)
+    assert torch_calls == 0
+    for name in want:  # the C++ dequantize is bit-exact to the reference: the same GEMMs follow
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_nf4_backend_requests_that_cannot_run_still_raise():
+    from fastlora.ops.lora_mlp import LoRAProjection
+
+    w = fastlora.quantize_nf4(torch.randn(N, K))
+    x, a, b = torch.randn(3, K), torch.randn(4, K), torch.randn(N, 4)
+    # A request naming the fused op itself is held to.
+    with fastlora.use_backend(nf4_matmul="cpp"), pytest.raises(fastlora.BackendUnavailableError,
+                                                               match="nf4_matmul has no cpp implementation"):
+        fastlora.lora_linear(x, w, a, b, 2.0)
+    # glu is called, not asked about: with no C++ kernel it cannot honour use_backend("cpp").
+    up = LoRAProjection(torch.randn(2 * N, K), torch.randn(4, K), torch.randn(2 * N, 4), 1.0)
+    down = LoRAProjection(torch.randn(K, N), torch.randn(4, N), torch.randn(K, 4), 1.0)
+    with fastlora.use_backend("cpp"), pytest.raises(fastlora.BackendUnavailableError,
+                                                    match="glu has no cpp implementation"):
+        fastlora.lora_mlp(x, [up], down)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..dispatch import Backend, resolve_backend
+from ..dispatch import Backend, would_run
 from ._autocast import autocast_disabled, autocast_dtype, autocast_off
 from ._library import call, define
 from ._workspace import workspace
@@ -180,9 +180,10 @@ define("lora_linear_bwd(Tensor dy, Tensor weight, Tensor xa, Tensor x, Tensor[] 
 
 
 def _small_nf4(base: torch.Tensor | NF4Weight, x: torch.Tensor) -> bool:
-    """Whether the fused NF4 GEMM serves these M rows (it needs its Triton kernel)."""
+    """Whether the fused NF4 GEMM serves these M rows (it needs its Triton kernel). A question, not a call: under
+    ``use_backend("cpp")`` the answer is no, and the dequantize path runs on the C++ kernel."""
     return isinstance(base, NF4Weight) and x.shape[0] <= SMALL_M and \
-        resolve_backend("nf4_matmul", x.device, x.dtype)[0] is Backend.TRITON
+        would_run("nf4_matmul", Backend.TRITON, x.device, x.dtype)
 
 
 def _forward(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None, dropped: list[torch.Tensor],
