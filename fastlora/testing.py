@@ -180,3 +180,147 @@ def peft_lora_model(model: torch.nn.Module, *, dropout: float = 0.0, use_dora: b
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)
     return wrapped
+
+
+# An independent NF4 decoder: the test oracle for every NF4 backend, and for bitsandbytes itself. It is written from
+# the format (REFERENCE.md, "bitsandbytes NF4 storage") and shares no code with fastlora.ops.nf4 or bitsandbytes:
+# bitsandbytes' CPU dequantize is wrong for some shapes (see bnb_dequantize_is_sane), so its output is no oracle.
+
+#: The 16 NF4 values, by 4-bit code (the format's table, typed in here rather than imported).
+NF4_VALUES: tuple[float, ...] = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
+def decode_nf4_bytes(data: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...] | torch.Size,
+                     dtype: torch.dtype, blocksize: int, *, absmax_code: torch.Tensor | None = None,
+                     absmax2: torch.Tensor | None = None, offset: torch.Tensor | float | None = None,
+                     nested_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode bitsandbytes' NF4 bytes the plain way, element by element: the oracle for NF4 tests.
+
+    Element ``i`` of the row-major weight is the nibble of byte ``i // 2`` (the high nibble for even ``i``),
+    scaled by the absmax of block ``i // blocksize`` (blocks run over the flat index, across rows). With double
+    quantization the absmax of block ``b`` is ``absmax_code[absmax[b]] * absmax2[b // 256]`` rounded to
+    ``nested_dtype``, plus ``offset`` rounded to ``nested_dtype``, the sum rounded to ``nested_dtype``, as
+    bitsandbytes decodes it in ``QuantState.state2.dtype`` (fp32 unless a checkpoint or its CPU repack says
+    otherwise). Each value is ``NF4[nibble] * absmax`` in fp32, rounded once to ``dtype``.
+
+    Args:
+        data: uint8 ``[ceil(numel / 2)]`` (any shape; read flat).
+        absmax: ``[ceil(numel / blocksize)]``: fp32 scales, or uint8 codes into ``absmax_code`` when nested.
+        shape: the logical weight shape; dtype: the output dtype; blocksize: elements per block.
+        absmax_code: fp32 ``[256]`` (nested only); absmax2: fp32 ``[ceil(blocks / 256)]`` (nested only);
+        offset: 0-dim tensor or float (nested only); nested_dtype: the dtype the nested absmax is decoded in.
+
+    Returns:
+        ``shape`` in ``dtype``, on ``data``'s device.
+
+    Example:
+        >>> decode_nf4_bytes(torch.tensor([0x0F, 0x78], dtype=torch.uint8), torch.tensor([2.0]), (4,),
+        ...                  torch.float32, 64)
+        tensor([-2.0000,  2.0000,  0.0000,  0.1592])
+    """
+    device = data.device
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    data = data.reshape(-1).view(torch.uint8)
+    if data.numel() != (numel + 1) // 2:
+        raise ValueError(f"decode_nf4_bytes: data has {data.numel()} bytes, shape {tuple(shape)} needs "
+                         f"{(numel + 1) // 2}")
+    index = torch.arange(numel, device=device)
+    byte = data[index // 2].to(torch.int64)
+    nibble = torch.where(index % 2 == 0, byte // 16, byte % 16)
+    block = index // blocksize
+    if absmax_code is None:
+        scales = absmax.reshape(-1).float()
+    else:
+        codes = absmax.reshape(-1).to(torch.int64)
+        b = torch.arange(codes.numel(), device=device)
+        scaled = (absmax_code.float()[codes] * absmax2.float()[b // 256]).to(nested_dtype)
+        shift = torch.as_tensor(offset, dtype=torch.float32, device=device).to(nested_dtype)
+        scales = (scaled.float() + shift.float()).to(nested_dtype).float()
+    nf4 = torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+    return (nf4[nibble] * scales[block]).to(dtype).reshape(tuple(shape))
+
+
+def decode_nf4(weight: object, quant_state: object | None = None, *, dtype: torch.dtype | None = None
+               ) -> torch.Tensor:
+    """:func:`decode_nf4_bytes` of an ``NF4Weight``, a bitsandbytes ``Params4bit`` (or a layer holding one), or
+    packed bytes with their bitsandbytes ``QuantState``; a bitsandbytes weight's nested absmax is decoded in its
+    ``state2.dtype``, as bitsandbytes does.
+
+    Args:
+        weight: the weight; quant_state: its ``QuantState`` when ``weight`` is the packed tensor itself.
+        dtype: output dtype; default the weight's own (``NF4Weight.dtype`` or ``QuantState.dtype``).
+
+    Returns:
+        The weight's logical shape in ``dtype``.
+
+    Example:
+        >>> layer = bnb.nn.Linear4bit(128, 40, quant_type="nf4").to("cpu")
+        >>> decode_nf4(layer).shape
+        torch.Size([40, 128])
+    """
+    from .ops.nf4_weight import NF4Weight
+
+    if isinstance(weight, NF4Weight):
+        return decode_nf4_bytes(weight.data, weight.absmax, weight.shape, dtype or weight.dtype, weight.blocksize,
+                                absmax_code=weight.absmax_code, absmax2=weight.absmax2, offset=weight.offset)
+    if quant_state is None:
+        if not isinstance(weight, torch.Tensor) and hasattr(weight, "weight"):
+            weight = weight.weight
+        quant_state = getattr(weight, "quant_state", None)
+    if not isinstance(weight, torch.Tensor) or quant_state is None:
+        raise TypeError(f"decode_nf4: expected an NF4Weight, a bitsandbytes Params4bit or a layer holding one, or "
+                        f"packed bytes with their QuantState; got {type(weight).__name__}")
+    if quant_state.quant_type != "nf4" or getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError("decode_nf4: not an NF4 weight in bitsandbytes' storage layout (FP4, or repacked for CPU)")
+    nested = {}
+    if quant_state.nested:
+        state2 = quant_state.state2
+        nested = dict(absmax_code=state2.code, absmax2=state2.absmax, offset=quant_state.offset,
+                      nested_dtype=state2.dtype or torch.float32)
+    return decode_nf4_bytes(weight.data.view(torch.uint8), quant_state.absmax, tuple(quant_state.shape),
+                            dtype or quant_state.dtype, quant_state.blocksize, **nested)
+
+
+_BNB_SANE: dict[tuple, bool] = {}
+_BNB_BYTES: dict[tuple, tuple] = {}
+
+
+def bnb_dequantize_is_sane(shape: tuple[int, ...], blocksize: int = 64, *, dtype: torch.dtype = torch.float32,
+                           nested: bool = False, device: torch.device | str = "cpu") -> bool:
+    """Whether ``bitsandbytes.functional.dequantize_4bit`` returns exactly what its own NF4 bytes encode for a
+    weight of ``shape`` and ``blocksize``, dequantized to ``dtype`` on ``device``, with this bitsandbytes here.
+
+    It quantizes a fixed random weight with bitsandbytes (its bytes are right) and compares bitsandbytes'
+    dequantize with :func:`decode_nf4` of the same bytes (values only: bitsandbytes returns some one-row weights
+    transposed). bitsandbytes 0.49-0.50 on an AVX-512 CPU misread weights whose rows are not whole blocks (e.g.
+    ``(40, 96)`` at blocksize 64): check this before using its output as a reference. Cached per argument set.
+
+    Example:
+        >>> bnb_dequantize_is_sane((40, 128), 64), bnb_dequantize_is_sane((40, 96), 64)  # an AVX-512 CPU
+        (True, False)
+    """
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    place = (tuple(int(s) for s in shape), int(blocksize), bool(nested), str(torch.device(device)))
+    key = (*place, dtype)
+    if key not in _BNB_SANE:
+        if place not in _BNB_BYTES:
+            g = torch.Generator().manual_seed(1234)
+            w = (torch.randn(place[0], generator=g) * 3).to(device)
+            _BNB_BYTES[place] = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested,
+                                                   quant_type="nf4")
+        packed, state = _BNB_BYTES[place]
+        state = copy.copy(state)
+        state.dtype = dtype  # the same bytes, dequantized to another dtype (a separate kernel in bitsandbytes)
+        theirs = bnbf.dequantize_4bit(packed, state)
+        expected = decode_nf4(packed, state)
+        _BNB_SANE[key] = theirs.dtype == expected.dtype and torch.equal(theirs.reshape(expected.shape), expected)
+    return _BNB_SANE[key]

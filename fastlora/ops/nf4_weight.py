@@ -85,6 +85,12 @@ class NF4Weight:
     def from_bnb(cls, param_or_layer: object) -> NF4Weight:
         """View a bitsandbytes ``Params4bit`` (or a layer holding one, such as ``Linear4bit``) without copying.
 
+        The result dequantizes to exactly the values the bytes encode, as bitsandbytes' ``dequantize_4bit`` decodes
+        them (except where its CPU kernel misreads a weight whose rows are not whole blocks: see :meth:`to_bnb`).
+        A nested absmax that bitsandbytes decodes in bf16 or fp16 (``quant_state.state2.dtype``: a checkpoint's
+        ``nested_dtype``, or a weight whose CPU repack was undone) is decoded once here, as bitsandbytes does, into
+        fp32 absmax: the packed data is still shared, the returned weight is not nested.
+
         Raises:
             TypeError: not a 4-bit bitsandbytes weight.
             ValueError: an FP4 weight, or one repacked by bitsandbytes for CPU inference.
@@ -102,6 +108,10 @@ class NF4Weight:
 
     def to_bnb(self) -> object:
         """A bitsandbytes ``Params4bit`` sharing this weight's tensors (needs bitsandbytes).
+
+        Warns (``UserWarning``, once per shape) when the weight is on the CPU, its rows are not whole blocks, and
+        bitsandbytes' CPU dequantize is found to misread such a weight here (bitsandbytes 0.49-0.50 on AVX-512 CPUs):
+        bitsandbytes' own forward would then compute with wrong values; fastlora's ops read it correctly.
 
         Example:
             >>> layer = bnb.nn.Linear4bit(4096, 4096, quant_type="nf4")
