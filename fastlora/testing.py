@@ -77,6 +77,79 @@ def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, tor
             f"reference {float(ref.flatten()[i])}")
 
 
+def assert_grads_close_to_reference(actual: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                                    torch_lowp: dict[str, torch.Tensor], *, ulps: float = 2.0, atol: float = 1e-6,
+                                    name: str = "grad") -> None:
+    """:func:`assert_close_to_reference` for every tensor of a dict (gradients by name); the keys must agree.
+
+    Example:
+        >>> assert_grads_close_to_reference(lora_grads(layer, names), lora_grads(twin, names), peft_grads)
+    """
+    if actual.keys() != reference.keys() or actual.keys() != torch_lowp.keys():
+        raise AssertionError(f"{name}: keys {sorted(actual)} vs reference {sorted(reference)} and torch's "
+                             f"{sorted(torch_lowp)}")
+    for key in actual:
+        if actual[key].dtype != torch_lowp[key].dtype:
+            raise AssertionError(f"{name} {key}: dtype {actual[key].dtype}, torch's is {torch_lowp[key].dtype}")
+        assert_close_to_reference(actual[key], reference[key], torch_lowp[key], ulps=ulps, atol=atol,
+                                  name=f"{name} {key}")
+
+
+def assert_pooled_close_to_reference(actual: list[torch.Tensor], reference: list[torch.Tensor],
+                                     torch_lowp: list[torch.Tensor], *, ulps: float = 4.0,
+                                     name: str = "output") -> None:
+    """The tolerance rule of DESIGN.md, normwise over many tensors (a model's gradients over several steps): the
+    2-norm of ``actual - reference`` over all of them at most twice that of ``torch_lowp - reference``, plus
+    ``ulps`` units in the last place of ``actual``'s dtype times the norm of ``reference``.
+
+    Pooling is for results whose single largest element error is too noisy to bound (a model's losses and
+    gradients: their error against fp64 swings several-fold from one batch to the next for either model).
+
+    Example:
+        >>> assert_pooled_close_to_reference(patched_grads, fp64_grads, unpatched_grads, name="LoRA gradients")
+    """
+    if not (len(actual) == len(reference) == len(torch_lowp)) or not actual:
+        raise AssertionError(f"{name}: {len(actual)} tensors, reference {len(reference)}, torch's {len(torch_lowp)}")
+
+    def norm(tensors: list[torch.Tensor], minus: list[torch.Tensor] | None = None) -> float:
+        total = 0.0
+        for i, t in enumerate(tensors):
+            d = t.double() - (minus[i].double() if minus is not None else 0)
+            total += float((d * d).sum())
+        return total**0.5
+
+    got, theirs, size = norm(actual, reference), norm(torch_lowp, reference), norm(reference)
+    floor = ulps * torch.finfo(actual[0].dtype).eps * size
+    if not got <= 2 * theirs + floor:  # also fails on NaN
+        raise AssertionError(f"{name}: pooled error {got:.3e} exceeds 2 x torch's {theirs:.3e} + {ulps} ulp "
+                             f"({floor:.3e}), over {len(actual)} tensors of norm {size:.3e}")
+
+
+def fp64_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` (a layer or a whole model, PEFT-wrapped or not) in fp64, each bitsandbytes 4-bit
+    layer replaced by an ``nn.Linear`` holding its weight as :func:`decode_nf4` reads the bytes: the exact run that
+    the tolerance rule measures errors against. Its parameters keep their names and ``requires_grad``.
+
+    Example:
+        >>> twin = fp64_twin(peft_layer)
+        >>> twin(x.double()).dtype
+        torch.float64
+    """
+    import copy
+
+    twin = copy.deepcopy(module)
+    for parent in list(twin.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child).__name__ == "Linear4bit" and not hasattr(child, "lora_A"):  # bnb's, not PEFT's
+                dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                dense.weight.data = decode_nf4(child, dtype=torch.float32)
+                if child.bias is not None:
+                    dense.bias.data = child.bias.data.detach().float().clone()
+                dense.requires_grad_(False)
+                setattr(parent, child_name, dense)
+    return twin.double()
+
+
 def make_peft_lora_layer(in_features: int, out_features: int, *, ranks: tuple[int, ...] = (8,), dropout: float = 0.0,
                          bias: bool = False, lora_bias: bool = False, rslora: bool = False,
                          adapter_dtype: torch.dtype = torch.float32, base_dtype: torch.dtype = torch.float32,
@@ -95,8 +168,8 @@ def make_peft_lora_layer(in_features: int, out_features: int, *, ranks: tuple[in
     if four_bit:
         import bitsandbytes as bnb
 
-        base = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=base_dtype,
-                                 quant_type="nf4").to("cpu")
+        base = _cpu_layout_kept(bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=base_dtype,
+                                                  quant_type="nf4").to("cpu"))
         cls = lora.Linear4bit
     else:
         base = torch.nn.Linear(in_features, out_features, bias=bias).to(base_dtype)
@@ -134,9 +207,18 @@ def lora_grads(layer: torch.nn.Module, names: list[str]) -> dict[str, torch.Tens
     return out
 
 
+def _cpu_layout_kept(layer: torch.nn.Module) -> torch.nn.Module:
+    """``layer`` with bitsandbytes' CPU repack turned off: on a CPU with AVX512-BF16 its first eval-mode no-grad
+    forward would rewrite the weight in place into another layout (computing differently, without a backward, and
+    unreadable by fastlora), so the same test would run other code on other CPUs."""
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
 def nf4_decoder(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Replace the ``nn.Linear`` layers of a transformers causal LM's decoder (attention and MLP) by bitsandbytes
-    NF4 ``Linear4bit`` layers in place, as a 4-bit ``from_pretrained`` would load them; returns the model.
+    NF4 ``Linear4bit`` layers in place, as a 4-bit ``from_pretrained`` would load them (with bitsandbytes' CPU
+    repack for eval-mode inference turned off); returns the model.
 
     Raises:
         ImportError: bitsandbytes is not installed.
@@ -153,8 +235,9 @@ def nf4_decoder(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if type(child) is torch.nn.Linear:
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=compute_dtype, quant_type="nf4", device="cpu")
+                    q = _cpu_layout_kept(bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                                           bias=child.bias is not None, compute_dtype=compute_dtype,
+                                                           quant_type="nf4", device="cpu"))
                     q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.float32), requires_grad=False,
                                                  quant_type="nf4")
                     if child.bias is not None:

@@ -7,17 +7,31 @@ import fastlora
 from fastlora import NF4Weight
 from fastlora.ops.lora import lora_linear_reference
 from fastlora.patching import UnsupportedLoRA, lora_args
-from fastlora.testing import assert_close_to_reference, lora_grads, make_peft_lora_layer
+from fastlora.testing import (
+    assert_close_to_reference,
+    assert_grads_close_to_reference,
+    fp64_twin,
+    lora_grads,
+    make_peft_lora_layer,
+)
 
 peft_lora = pytest.importorskip("peft.tuners.lora")
 
 K, N = 48, 40  # odd-ish sizes: not multiples of the GEMM tiles
+# A bitsandbytes 4-bit base computes through bitsandbytes' own dequantize, which on AVX-512 CPUs misreads weights
+# whose rows are not whole blocks of 64 (bnb 0.49-0.50; tests/test_nf4.py records it): its rows are whole blocks,
+# as in every real model. fastlora's own NF4 paths at ragged K are checked against the independent decoder there.
+K_NF4 = 128
+
+
+def _k(four_bit):
+    return K_NF4 if four_bit else K
 
 
 def _peft_layer(**kwargs):
     if kwargs.get("four_bit"):
         pytest.importorskip("bitsandbytes")
-    return make_peft_lora_layer(K, N, **kwargs)
+    return make_peft_lora_layer(_k(kwargs.get("four_bit")), N, **kwargs)
 
 
 def _fastlora_forward(layer, names, x):
@@ -40,20 +54,21 @@ def _run(layer, names, x, fn, seed=5):
     return y.detach(), x.grad, _grads(layer, names)
 
 
-def _equal_to_peft(layer, names, x, *, rtol=1e-5, atol=1e-5):
+def _equal_to_peft(layer, names, x):
+    """fastlora's layer against PEFT's: outputs and gradients within twice PEFT's own error against the same PEFT
+    layer in fp64 (a 4-bit base as the independent decoder reads it), the same dropout masks in all three."""
     y_ref, dx_ref, g_ref = _run(layer, names, x, layer)
+    twin = fp64_twin(layer)
+    y64, dx64, g64 = _run(twin, names, x.double(), twin)
     y, dx, g = _run(layer, names, x, lambda t: _fastlora_forward(layer, names, t))
-    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(dx, dx_ref, rtol=rtol, atol=atol)
-    assert g.keys() == g_ref.keys()
-    for name in g:
-        assert g[name].dtype == g_ref[name].dtype, name
-        torch.testing.assert_close(g[name], g_ref[name], rtol=rtol, atol=atol, msg=name)
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape and dx.dtype == dx_ref.dtype
+    assert_close_to_reference(y, y64, y_ref, name="y")
+    assert_close_to_reference(dx, dx64, dx_ref, name="dx")
+    assert_grads_close_to_reference(g, g64, g_ref)
 
 
-def _x(dtype=torch.float32, shape=(3, 5), seed=2):
-    return torch.randn(*shape, K, generator=torch.Generator().manual_seed(seed)).to(dtype)
+def _x(dtype=torch.float32, shape=(3, 5), seed=2, k=K):
+    return torch.randn(*shape, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 @pytest.mark.parametrize("ranks", [(8,), (1,), (4, 16)], ids=["r8", "r1", "two adapters r4+r16"])
@@ -78,7 +93,7 @@ def test_eval_mode_has_no_dropout():
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_equals_peft_bnb_linear4bit(dropout):
     layer, names = _peft_layer(ranks=(8, 4), dropout=dropout, bias=True, four_bit=True)
-    _equal_to_peft(layer, names, _x())
+    _equal_to_peft(layer, names, _x(k=K_NF4))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -88,8 +103,8 @@ def test_small_m_nf4_kernel_equals_peft_bnb(dropout, triton_device):
 
     layer, names = _peft_layer(ranks=(8, 4), dropout=dropout, bias=True, four_bit=True)
     with fastlora.use_backend(nf4_matmul="triton"):
-        assert lora_ops._small_nf4(lora_args(layer).base, _x().view(-1, K))
-        _equal_to_peft(layer, names, _x(), rtol=1e-4, atol=1e-4)
+        assert lora_ops._small_nf4(lora_args(layer).base, _x(k=K_NF4).view(-1, K_NF4))
+        _equal_to_peft(layer, names, _x(k=K_NF4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -105,7 +120,7 @@ def test_low_precision_within_the_tolerance_rule(dtype, adapter_dtype, four_bit)
         weight = fastlora.dequantize_nf4(NF4Weight.from_bnb(base), dtype=torch.float32)
     else:
         weight = base.weight.float()
-    x = _x(dtype)
+    x = _x(dtype, k=_k(four_bit))
     A = [layer.lora_A[n].weight for n in names]
     B = [layer.lora_B[n].weight for n in names]
     scalings = [layer.scaling[n] for n in names]
@@ -227,7 +242,7 @@ def test_nf4_base_is_dequantized_once_per_pass_into_one_buffer(monkeypatch):
 
     monkeypatch.setattr(lora_ops, "dequantize_nf4", counting)
     layer, names = _peft_layer(ranks=(8, 4), four_bit=True)
-    x = _x().requires_grad_(True)
+    x = _x(k=K_NF4).requires_grad_(True)
     y = _fastlora_forward(layer, names, x)
     assert len(calls) == 1
     y.sum().backward()
