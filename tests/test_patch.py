@@ -11,6 +11,7 @@ from fastlora.patching import FAMILIES
 from fastlora.testing import (
     assert_close_to_reference,
     assert_grads_close_to_reference,
+    assert_pooled_close_to_reference,
     fp64_twin,
     nf4_decoder,
     peft_lora_model,
@@ -416,41 +417,53 @@ def test_every_family_peft_everything_patched(model_type, four_bit):
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_every_family_trains_thirty_steps_like_the_unpatched_model(model_type):
-    """AdamW, LoRA dropout, checkpointing: everything patched (offloading too, run on CPU tensors here) follows
-    the unpatched loss curve, both measured against an fp64 run of the unpatched model.
+def test_every_family_trains_like_the_unpatched_model(model_type):
+    """Twenty AdamW steps with LoRA dropout and checkpointing, everything patched (offloading too, on CPU tensors
+    here): at every step the patched model's loss and LoRA gradients are within twice the unpatched model's error
+    against the fp64 model, pooled over the steps.
 
-    Over the first 10 steps rounding has not been amplified yet: the tolerance rule holds there (at most twice the
-    unpatched run's drift). Later the optimizer amplifies any rounding difference, by an amount that varies from
-    family to family (measured: the patched drift at step 30 is 0.3x-2.4x the unpatched one, both under 1e-3),
-    so the whole curve is held to 1e-3: a real fault, such as q/k/v without their dropout, moved it by 1e-2 to
-    1e-1 in the same run."""
+    The fp64 model trains; before each step its weights are written into both fp32 models in place, as an optimizer
+    writes them, so each step starts the three from the same point. Left to follow their own curves, the fp32 runs
+    part ways after a few steps: AdamW turns rounding-sized differences in small gradients into steps of the
+    learning rate's size, so by step 10 either model's drift from fp64 swung between 1e-6 and 1e-4 with the CPU's
+    summation order, and a 2x bound on it failed on AVX-512 CPUs. In lock step the pooled patched/unpatched
+    gradient error ratio measured 0.90-1.08 for every family under torch's AVX-512, AVX2 and default kernels, while
+    a 2% error in layer 0's q (or qkv) LoRA scaling gives 2,500-57,000 (and 400 or more on the losses)."""
     from fastlora import OffloadedCheckpointing
 
     reference = _peft(_tiny(model_type, layers=2), dropout=0.05)
-    model, exact = copy.deepcopy(reference), copy.deepcopy(reference).double()
+    model, exact = copy.deepcopy(reference), fp64_twin(reference)
     offload = OffloadedCheckpointing(min_offload_bytes=0, offload_device_types=("cpu",), pin_memory=False)
     fastlora.patch(model, backend="torch", checkpointing=offload)
-    losses = {}
-    for name, m in (("unpatched", reference), ("patched", model), ("fp64", exact)):
+    for m in (reference, model, exact):
         enable_checkpointing(m, use_reentrant=False)
         m.train()
-        optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-        losses[name] = []
-        for step in range(30):
-            ids, labels = _batch(seed=step % 2)  # two batches in turn: there is something to learn
+    trained = {n: p for n, p in exact.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trained.values(), lr=1e-2)
+    results = {"unpatched": ([], []), "patched": ([], []), "fp64": ([], [])}
+    for step in range(20):
+        ids, labels = _batch(seed=step % 2)  # two batches in turn: there is something to learn
+        for name, m in (("fp64", exact), ("unpatched", reference), ("patched", model)):
+            if m is not exact:
+                with torch.no_grad():
+                    for n, p in m.named_parameters():
+                        if n in trained:
+                            p.copy_(trained[n])
             torch.manual_seed(step)  # the dropout masks
             loss = m(input_ids=ids, labels=labels).loss
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses[name].append(loss.item())
-    exact = torch.tensor(losses["fp64"], dtype=torch.float64)
-    drift = {name: (torch.tensor(losses[name], dtype=torch.float64) - exact).abs() for name in ("unpatched", "patched")}
-    assert losses["patched"][-1] < losses["patched"][0] - 0.3  # it learns
-    assert drift["patched"][:10].max() <= 2 * drift["unpatched"][:10].max() + 1e-5, drift
-    assert drift["patched"].max() <= 1e-3, drift
-    assert offload.stats.offloaded == 30 and offload.stats.on_device == 30  # layer 0's input; layer 1's stays
+            results[name][0].append(loss.detach())
+            results[name][1].extend(p.grad.clone() for n, p in sorted(m.named_parameters()) if n in trained)
+            if m is not exact:
+                m.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    losses = {name: torch.stack(r[0]) for name, r in results.items()}
+    assert losses["fp64"][-1] < losses["fp64"][0] - 0.3  # it learns
+    assert_pooled_close_to_reference([losses["patched"]], [losses["fp64"]], [losses["unpatched"]], name="losses")
+    assert_pooled_close_to_reference(results["patched"][1], results["fp64"][1], results["unpatched"][1],
+                                     name="LoRA gradients")
+    assert offload.stats.offloaded == 20 and offload.stats.on_device == 20  # layer 0's input; layer 1's stays
 
 
 def test_a_deep_copy_undoes_itself_not_the_original():
