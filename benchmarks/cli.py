@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 import fastlora
+from fastlora.device import parse_dtype
 
 from . import report, results
 from .harness import Roofline, run_suite
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "PEFT + bitsandbytes and for fastlora with and without offloaded checkpointing")
     parser.add_argument("--device", default=None,
                         help="torch device to run on, e.g. cpu or cuda:1 (default: the GPU if there is one)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="what the suites and training steps compute in (default: the device's compute dtype, "
+                             "bfloat16 or float16 on a GPU, float32 on a CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastlora bench: {e}", file=sys.stderr)
         return 2
     quick = bool(args.quick)
+    dtype = parse_dtype(args.dtype) if getattr(args, "dtype", None) else None
     info = fastlora.device_info(device)
     total = sum(len(s.cases(device, quick)) for s in suites)
     measured: Roofline | None = None
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
           f"torch {torch.__version__}{', quick' if quick else ''}")
     with tqdm(total=total, desc="bench", unit="case", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         for suite in suites:
-            done = run_suite(suite, device, quick=quick, roofline=measured, progress=bar)
+            done = run_suite(suite, device, quick=quick, roofline=measured, progress=bar, dtype=dtype)
             if suite is roofline.SUITE:
                 measured = roofline.from_results(done)
                 if measured is not None:
@@ -106,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
                     lines.append(f"{sum(r.ok for r in done)} rows appended to {path}")
             tqdm.write("\n" + "\n".join(lines), file=sys.stdout)
     if training:
-        done = run_training(device, checkpointing=checkpointing, max_ctx=max_ctx, quick=quick)
+        done = run_training(device, checkpointing=checkpointing, max_ctx=max_ctx, quick=quick, dtype=dtype)
         fatal |= any(r.fatal for r in done)
         if not args.no_save:
             path = results.save(done, device, quick=quick, directory=args.results_dir)

@@ -83,7 +83,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     """The device's recommended compute dtype (the design's precision policy, from the device probe).
 
     Example:
-        >>> default_dtype(torch.device("cpu"))   # on a CPU without bf16 instructions
+        >>> default_dtype(torch.device("cpu"))   # every CPU, bf16 instructions or not
         torch.float32
     """
     return fastlora.device_info(device).compute_dtype
@@ -345,8 +345,9 @@ def measure(case: Case, result: Result, device: torch.device, *, quick: bool,
 
 
 def run_suite(suite: Suite, device: torch.device, *, quick: bool = False, roofline: Roofline | None = None,
-              progress: Progress | None = None) -> list[Result]:
-    """Run every case of ``suite`` on ``device``: gate, then time; one :class:`Result` per case.
+              progress: Progress | None = None, dtype: torch.dtype | None = None) -> list[Result]:
+    """Run every case of ``suite`` on ``device`` in ``dtype`` (default: the suite's, usually the device's compute
+    dtype): gate, then time; one :class:`Result` per case.
 
     A provider that is unavailable, disagrees with the reference or raises gets a result with that status
     and the reason; the run goes on.
@@ -357,7 +358,7 @@ def run_suite(suite: Suite, device: torch.device, *, quick: bool = False, roofli
         >>> sorted({r.status for r in results})
         ['ok', 'skipped']
     """
-    dtype = suite.dtype(device)
+    dtype = dtype or suite.dtype(device)
     results: list[Result] = []
     try:
         for shape, mode, provider in suite.cases(device, quick):

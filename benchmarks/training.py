@@ -47,11 +47,13 @@ class Step:
     loss: float
 
 
-def build(device: torch.device, *, quick: bool, seed: int = 0) -> tuple[torch.nn.Module, str]:
-    """The benchmark model (PEFT LoRA over an NF4 or dense Llama) on ``device``, and its description."""
+def build(device: torch.device, *, quick: bool, seed: int = 0,
+          dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, str]:
+    """The benchmark model (PEFT LoRA over an NF4 or dense Llama) on ``device`` in ``dtype`` (default: the
+    device's compute dtype), and its description."""
     from fastlora.demo import build_model
 
-    dtype = fastlora.device_info(device).compute_dtype
+    dtype = dtype or fastlora.device_info(device).compute_dtype
     size = "tiny" if quick else "8b"
     model, _, what = build_model(size, device, dtype, four_bit=True, seed=seed)
     return model, f"{size}: {what}"
@@ -208,7 +210,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run(device: torch.device, *, checkpointing: bool, max_ctx: bool, quick: bool,
-        out: Callable[[str], None] = print) -> list[Result]:
+        out: Callable[[str], None] = print, dtype: torch.dtype | None = None) -> list[Result]:
     """The training benchmarks asked for, as results rows; prints one line per measurement through ``out``.
 
     The offloaded setup is gated against in-GPU checkpointing of the same patched model (the same loss, since
@@ -219,7 +221,7 @@ def run(device: torch.device, *, checkpointing: bool, max_ctx: bool, quick: bool
     """
     if max_ctx and device.type != "cuda":
         raise ValueError("--max-context needs a CUDA device: a CPU swaps instead of running out of memory")
-    model, what = build(device, quick=quick)
+    model, what = build(device, quick=quick, dtype=dtype)
     dtype = next(p for p in model.parameters() if p.is_floating_point() and p.requires_grad).dtype
     shape = "tiny" if quick else "8b"
     out(f"training benchmark model: {what}")

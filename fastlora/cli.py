@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64; 2048 on a GPU)")
     demo.add_argument("--no-4bit", action="store_true", help="keep the base weights dense")
     demo.add_argument("--device", default=None, help="device (default: CUDA if present, else CPU)")
+    demo.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                      help="what the model trains in (default: bfloat16 or float16 on a GPU, float32 on a CPU)")
 
     bench = sub.add_parser("bench", help="benchmark the kernels against torch, torch.compile and peers")
     argv = sys.argv[1:] if argv is None else argv
@@ -67,7 +69,7 @@ def _demo(args: argparse.Namespace) -> int:
         result = run_demo(steps=args.steps, size=args.size or ("8b" if gpu else "tiny"), model_path=args.model,
                           device=args.device, batch_size=args.batch_size or (2 if gpu else 4),
                           seq_len=args.seq_len or (2048 if gpu else 64), four_bit=not args.no_4bit,
-                          progress=progress)
+                          dtype=args.dtype, progress=progress)
     print(format_result(result))
     return 0
 

@@ -19,6 +19,7 @@ import torch
 
 from ._logging import logger
 from .checkpointing import enable_checkpointing
+from .device import parse_dtype
 
 #: Model shapes: ``tiny`` trains in seconds on a CPU; ``8b`` is Llama-3.1-8B's shape, for a GPU.
 SIZES: dict[str, dict[str, int]] = {
@@ -152,8 +153,12 @@ def _train_side_by_side(trainers: list[_Trainer], batches: list[torch.Tensor],
 
 def run_demo(*, steps: int = 20, size: str = "tiny", model_path: str | None = None, device: str | None = None,
              batch_size: int = 4, seq_len: int = 64, four_bit: bool = True, seed: int = 0,
+             dtype: torch.dtype | str | None = None,
              progress: Callable[[str], None] | None = None) -> DemoResult:
     """Train unpatched, then patched from the same start on the same batches; returns both runs.
+
+    ``dtype`` is what the model is built (or loaded) in and trains in: by default the device's compute dtype
+    (bf16 or fp16 on a GPU, fp32 on every CPU: see ``fastlora.device.CPU_COMPUTE_DTYPE``).
 
     Example:
         >>> result = run_demo(steps=10)
@@ -167,7 +172,7 @@ def run_demo(*, steps: int = 20, size: str = "tiny", model_path: str | None = No
     if steps < 2:
         raise ValueError(f"demo: steps must be at least 2 (the first one warms up), got {steps}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = fastlora.device_info(dev).compute_dtype
+    dtype = parse_dtype(dtype) if dtype is not None else fastlora.device_info(dev).compute_dtype
     model, tokenize, description = build_model(size, dev, dtype, four_bit=four_bit, seed=seed,
                                                model_path=model_path)
     ids = torch.tensor(tokenize(corpus_bytes()), dtype=torch.long)

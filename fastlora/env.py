@@ -121,7 +121,7 @@ def format_report(r: dict) -> str:
     rows = [
         ("Device", f"{d['name']} ({where})"),
         ("Memory", _memory(d["total_memory"], d["free_memory"])),
-        ("Precision", f"bf16 {_yes(d['bf16'])}, tf32 {_yes(d['tf32'])}, recommended dtype {d['compute_dtype']}"),
+        ("Precision", _precision(d)),
     ]
     if d["device_type"] == "cpu":
         rows.append(("CPU features", ", ".join(d["cpu_features"]) or "none detected"))
@@ -151,6 +151,16 @@ def format_report(r: dict) -> str:
         lines += ["", "Errors"] + [f"  - {e}" for e in r["errors"]]
     lines += ["", "Status: " + ("OK" if r["ok"] else "BROKEN (see Errors)")]
     return "\n".join(lines)
+
+
+def _precision(d: dict) -> str:
+    text = f"bf16 {_yes(d['bf16'])}, tf32 {_yes(d['tf32'])}, recommended dtype {d['compute_dtype']}"
+    if d["device_type"] != "cpu":
+        return text
+    # The CPU policy (device.CPU_COMPUTE_DTYPE): fp32 everywhere, bf16 only when asked for.
+    if d["bf16"]:
+        return text + " (fastlora's CPU default; bf16 runs natively here: --dtype bfloat16 for demo and bench)"
+    return text + " (fastlora's CPU default; no native bf16 on this CPU)"
 
 
 def _name(dtype: torch.dtype) -> str:

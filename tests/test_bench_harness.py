@@ -48,6 +48,7 @@ def _synthetic_suite(name: str = "synthetic") -> Suite:
         modes=("forward", "full"),
         shapes=Shapes(gpu=((64, 64),), cpu=((64, 64),), cpu_quick=((32, 48),)),
         make=make,
+        dtype=lambda device: torch.float32,  # the gate's numbers below are fp32's, whatever the device's default
     )
 
 
@@ -243,7 +244,8 @@ def test_cli_unknown_op_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_cli_quick_swiglu_prints_tables_and_saves(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
-    assert cli.run(_parse("--op", "swiglu", "--quick", "--results-dir", str(tmp_path), "--device", "cpu")) == 0
+    assert cli.run(_parse("--op", "swiglu", "--quick", "--results-dir", str(tmp_path), "--device", "cpu",
+                          "--dtype", "float32")) == 0
     out = capsys.readouterr().out
     assert "roofline" in out and "GB/s copy" in out and "TFLOP/s matmul" in out
     table = out[out.index("swiglu - silu(gate) * up"):]
@@ -259,6 +261,19 @@ def test_cli_quick_swiglu_prints_tables_and_saves(capsys: pytest.CaptureFixture[
     assert ("roofline", "copy") in saved and ("swiglu", "torch") in saved
     assert not any(r["provider"] in ("compile", "fastlora-triton") for r in rows)
     assert all(r["quick"] == "True" and float(r["roofline_share"]) > 0 for r in rows)
+
+
+def test_cli_dtype_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--dtype`` runs every suite (the roofline too) in that dtype on any CPU; the default is the device's."""
+    assert cli.run(_parse("--op", "swiglu", "--quick", "--no-save", "--device", "cpu", "--dtype", "bfloat16")) == 0
+    out = capsys.readouterr().out
+    assert "(bfloat16)" in out[out.index("swiglu - silu(gate) * up"):].splitlines()[0]
+    assert harness.default_dtype(CPU) is torch.float32 is fastlora.device_info(CPU).compute_dtype
+    with pytest.raises(SystemExit):
+        _parse("--dtype", "int8")
+    assert fastlora.device.parse_dtype("bf16") is torch.bfloat16 is fastlora.device.parse_dtype(torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype must be one of float32, fp32"):
+        fastlora.device.parse_dtype("float64")
 
 
 def test_cli_no_save_writes_nothing(capsys: pytest.CaptureFixture[str], tmp_path,

@@ -246,7 +246,7 @@ def test_benchmark_suite_gates_every_provider(monkeypatch):
 
     monkeypatch.setitem(timing.CPU_BUDGET_S, True, 0.005)
     results = {(r.provider, r.mode): r for r in harness.run_suite(SUITES["cross_entropy"], torch.device("cpu"),
-                                                                  quick=True)}
+                                                                  quick=True, dtype=torch.float32)}
     for key in [("torch", "forward"), ("fastlora", "forward"), ("torch", "full"), ("fastlora", "full")]:
         assert results[key].status == "ok", (key, results[key].reason)
     assert results[("fastlora", "full")].max_error < 1e-5

@@ -12,8 +12,8 @@ def test_cpu_probe():
     info = device_info("cpu")
     assert info.vendor == "cpu" and info.device_type == "cpu" and not info.is_gpu
     assert info.total_memory > 0 and 0 < info.free_memory <= info.total_memory
-    assert info.compute_dtype in (torch.float32, torch.bfloat16)
-    assert info.compute_dtype == (torch.bfloat16 if info.bf16 else torch.float32)
+    assert info.compute_dtype == torch.float32  # on every CPU (tests/test_dispatch.py simulates several)
+    assert info.bf16 == bool({"avx512_bf16", "amx_bf16"} & info.cpu_features)
     assert not info.tf32
     assert info.arch == torch.backends.cpu.get_cpu_capability()
     assert torch.__version__.startswith(info.versions["torch"].split("+")[0])
@@ -42,7 +42,7 @@ def test_bad_device_type():
 
 def test_report_is_json_serialisable():
     d = device_info("cpu").to_dict()
-    assert json.loads(json.dumps(d))["compute_dtype"] in ("float32", "bfloat16")
+    assert json.loads(json.dumps(d))["compute_dtype"] == "float32"
 
 
 def test_simulated_devices_are_hashable_and_replaceable():

@@ -106,12 +106,28 @@ def test_cpu_auto_skips_interpreter_but_explicit_triton_may_use_it():
     assert resolve_backend("swiglu", cpu, fp32, "triton", native=NATIVE_NONE)[0] is T
 
 
-def test_cpu_with_bf16_hardware_recommends_bf16():
-    from fastlora.device import _probe_cpu
+@pytest.mark.parametrize(("flags", "native_bf16"), [
+    ({"avx2", "fma"}, False),                                    # an older x86-64 CPU
+    ({"avx2", "fma", "avx512f"}, False),                         # AVX-512 without its bf16 instructions
+    ({"avx2", "fma", "avx512f", "avx512_bf16"}, True),           # an AMD EPYC (Zen 4)
+    ({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}, True),  # an Intel Xeon with AMX
+])
+def test_every_cpu_computes_in_fp32_unless_asked(monkeypatch, flags, native_bf16):
+    """The CPU policy: fp32 on every CPU, whatever its bf16 instructions, which are reported (bf16 is a choice
+    the user makes, such as ``--dtype bfloat16``)."""
+    import fastlora.device as device
+    from fastlora.env import format_report
 
-    info = _probe_cpu({})
-    assert info.compute_dtype == (bf16 if info.bf16 else fp32)
-    assert info.bf16 == bool({"avx512_bf16", "amx_bf16"} & info.cpu_features)
+    monkeypatch.setattr(device, "_cpu_flags", lambda: flags)
+    info = device._probe_cpu({})
+    assert info.compute_dtype == fp32 == device.CPU_COMPUTE_DTYPE
+    assert info.bf16 == native_bf16 and info.cpu_features <= flags
+    assert resolve_backend("swiglu", info, native=NATIVE_NONE)[0] is TORCH  # at the default dtype, fp32
+    report = {"fastlora": "x", "python": "3", "platform": "p", "device": info.to_dict(), "native": {"loaded": "x"},
+              "ops": [], "checks": [], "warnings": [], "errors": []}
+    text = format_report({**report, "ok": True})
+    assert "recommended dtype float32 (fastlora's CPU default" in text
+    assert ("--dtype bfloat16" in text) == native_bf16
 
 
 def test_explicit_request_that_cannot_run_names_op_backend_and_why():

@@ -200,7 +200,8 @@ def test_benchmark_suite_gates_every_provider(monkeypatch):
 
     monkeypatch.setitem(timing.CPU_BUDGET_S, True, 0.005)
     suite = SUITES["fused_linear_cross_entropy"]
-    results = {(r.provider, r.mode): r for r in harness.run_suite(suite, torch.device("cpu"), quick=True)}
+    results = {(r.provider, r.mode): r for r in harness.run_suite(suite, torch.device("cpu"), quick=True,
+                                                                  dtype=torch.float32)}
     for key in [("torch", "forward"), ("fastlora", "forward"), ("fastlora", "full"), ("matmuls", "full")]:
         assert results[key].status == "ok", (key, results[key].reason)
     assert results[("fastlora", "full")].max_error < 1e-4

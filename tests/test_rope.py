@@ -189,7 +189,8 @@ def test_benchmark_suite_gates_every_provider(monkeypatch):
     from fastlora.benchmarks.suites import SUITES
 
     monkeypatch.setitem(timing.CPU_BUDGET_S, True, 0.005)
-    results = {(r.provider, r.mode): r for r in harness.run_suite(SUITES["rope"], torch.device("cpu"), quick=True)}
+    results = {(r.provider, r.mode): r for r in harness.run_suite(SUITES["rope"], torch.device("cpu"), quick=True,
+                                                                  dtype=torch.float32)}
     for key in [("torch", "forward"), ("fastlora", "forward"), ("fastlora", "backward"), ("fastlora", "full"),
                 ("fastlora-inplace", "forward")]:
         assert results[key].status == "ok", (key, results[key].reason)
