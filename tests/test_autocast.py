@@ -17,6 +17,10 @@ from fastlora.ops.nf4_matmul import nf4_matmul
 from fastlora.patching import FAMILIES, lora_args
 from fastlora.testing import assert_close_to_reference, lora_grads, make_peft_lora_layer, peft_lora_model
 
+# Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
+# these again under ATEN_CPU_CAPABILITY=avx2 and default.
+pytestmark = pytest.mark.cpu_kernels
+
 pytest.importorskip("peft")
 
 BF16 = torch.bfloat16

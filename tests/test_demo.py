@@ -5,6 +5,10 @@ import torch
 
 from fastlora.demo import corpus_bytes, run_demo
 
+# Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
+# these again under ATEN_CPU_CAPABILITY=avx2 and default.
+pytestmark = pytest.mark.cpu_kernels
+
 
 def test_thirty_steps_follow_the_unpatched_loss_curve():
     """The demo's two runs, in fp32 (the CPU default) and said so: the curves measured 1e-6 apart on this tiny

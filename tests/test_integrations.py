@@ -10,6 +10,10 @@ from fastlora.checkpointing import trainer_checkpointing_args
 from fastlora.integrations import FastLoRACallback
 from fastlora.testing import assert_pooled_close_to_reference, fp64_twin, peft_lora_model
 
+# Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
+# these again under ATEN_CPU_CAPABILITY=avx2 and default.
+pytestmark = pytest.mark.cpu_kernels
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 

@@ -15,6 +15,10 @@ from fastlora.testing import (
     make_peft_lora_layer,
 )
 
+# Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
+# these again under ATEN_CPU_CAPABILITY=avx2 and default.
+pytestmark = pytest.mark.cpu_kernels
+
 peft_lora = pytest.importorskip("peft.tuners.lora")
 
 K, N = 48, 40  # odd-ish sizes: not multiples of the GEMM tiles

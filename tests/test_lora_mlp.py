@@ -16,6 +16,10 @@ from fastlora.testing import (
     make_peft_lora_layer,
 )
 
+# Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
+# these again under ATEN_CPU_CAPABILITY=avx2 and default.
+pytestmark = pytest.mark.cpu_kernels
+
 K, INNER = 48, 40
 # bitsandbytes' CPU dequantize misreads 4-bit weights whose rows are not whole blocks of 64 on AVX-512 CPUs (bnb
 # 0.49-0.50, recorded in tests/test_nf4.py): over a 4-bit base both layers' rows are whole blocks, as in real models.

@@ -12,6 +12,10 @@ from fastlora.ops.nf4 import nf4_dequantize_reference
 from fastlora.ops.nf4_weight import NF4_CODE, NF4Weight, dynamic_map
 from fastlora.testing import NF4_VALUES, bnb_dequantize_is_sane, decode_nf4, decode_nf4_bytes
 
+# Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
+# these again under ATEN_CPU_CAPABILITY=avx2 and default.
+pytestmark = pytest.mark.cpu_kernels
+
 bnb = pytest.importorskip("bitsandbytes")
 BF = bnb.functional
 

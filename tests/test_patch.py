@@ -17,6 +17,10 @@ from fastlora.testing import (
     peft_lora_model,
 )
 
+# Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
+# these again under ATEN_CPU_CAPABILITY=avx2 and default.
+pytestmark = pytest.mark.cpu_kernels
+
 peft = pytest.importorskip("peft")
 
 VOCAB = 101  # odd on purpose
