@@ -86,7 +86,9 @@ define(f"nf4_dequantize_out({_ARGS}, Tensor(a!) out, str backend='auto') -> ()",
 
 def dequantize_nf4(w: NF4Weight, *, dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
                    backend: Backend | str = "auto") -> torch.Tensor:
-    """Dequantize an NF4 weight: bit-exact with ``bitsandbytes.functional.dequantize_4bit``.
+    """Dequantize an NF4 weight: bit-exact with ``bitsandbytes.functional.dequantize_4bit`` (the values the bytes
+    encode; bitsandbytes 0.49-0.50's CPU dequantize on AVX-512 CPUs misreads weights whose rows are not whole
+    blocks, which this reads correctly).
 
     Args:
         w: the weight (see :func:`fastlora.quantize_nf4` and :meth:`NF4Weight.from_bnb`).
