@@ -14,6 +14,12 @@ import fastlora.kernels._utils as kernel_utils  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Under pytest-xdist (pytest -n N), the workers share the cores: torch's default of one thread per core in each would
+# oversubscribe them, and spinning OpenMP threads stall each other (the suite took 1:48 on 2 cores that way, 1:18
+# with one thread per worker).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
