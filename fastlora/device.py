@@ -148,8 +148,18 @@ def _probe_generic(dev: torch.device, vendor: str, name: str, versions: dict[str
     )
 
 
+# x86 features as torch's cpuinfo reads them from CPUID: what this process can execute, where /proc/cpuinfo may
+# describe the host instead (under an emulator such as qemu-user, which runs code for a CPU without AVX-512).
+_TORCH_CPU_PROBES = {"avx2": "_is_avx2_supported", "avx512f": "_is_avx512_supported",
+                     "avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+
+
 def _probe_cpu(versions: dict[str, str | None]) -> DeviceInfo:
-    flags = _cpu_flags()
+    flags = set(_cpu_flags())
+    for feature, probe in _TORCH_CPU_PROBES.items():
+        supported = getattr(torch.cpu, probe, None)
+        if supported is not None and platform.machine() in ("x86_64", "AMD64") and not supported():
+            flags.discard(feature)
     features = frozenset(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma", "neon", "asimd")
                          if f in flags)
     return DeviceInfo(

@@ -35,6 +35,21 @@ def test_cpu_features_come_from_the_cpu():
         assert "avx2" in info.cpu_features
 
 
+def test_cpu_features_are_what_this_process_can_execute(monkeypatch):
+    """/proc/cpuinfo can describe another CPU than the one code runs on (an emulator such as qemu-user runs a CPU
+    without AVX-512 on a host with it): torch's CPUID probes filter the x86 features."""
+    import fastlora.device as device
+
+    monkeypatch.setattr(device, "_cpu_flags", lambda: {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: True, raising=False)
+    monkeypatch.setattr(device.platform, "machine", lambda: "x86_64")
+    info = device._probe_cpu({})
+    assert info.cpu_features == {"avx2", "fma"} and not info.bf16 and info.compute_dtype == torch.float32
+
+
 def test_bad_device_type():
     with pytest.raises(ValueError, match="device_info: unsupported device type 'meta'"):
         device_info("meta")

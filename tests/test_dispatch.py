@@ -119,6 +119,7 @@ def test_every_cpu_computes_in_fp32_unless_asked(monkeypatch, flags, native_bf16
     from fastlora.env import format_report
 
     monkeypatch.setattr(device, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(device, "_TORCH_CPU_PROBES", {})  # this CPU's CPUID must not filter the simulated one's
     info = device._probe_cpu({})
     assert info.compute_dtype == fp32 == device.CPU_COMPUTE_DTYPE
     assert info.bf16 == native_bf16 and info.cpu_features <= flags
