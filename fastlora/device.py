@@ -170,7 +170,7 @@ def _probe_cpu(versions: dict[str, str | None]) -> DeviceInfo:
 
 
 def cpu_has_bf16(features: frozenset[str]) -> bool:
-    """Whether a CPU with these ``/proc/cpuinfo`` flags computes bf16 natively (AVX512-BF16 dot products or AMX
+    """Whether a CPU with these features (``DeviceInfo.cpu_features``) computes bf16 natively (AVX512-BF16 or AMX
     tiles), so that bf16 is a fast choice there; it is never the default (see :data:`CPU_COMPUTE_DTYPE`).
 
     Example:

@@ -5,7 +5,7 @@ import torch
 
 import fastlora
 from fastlora.ops.nf4_matmul import nf4_matmul, nf4_matmul_reference
-from fastlora.testing import assert_close_to_reference
+from fastlora.testing import assert_close_to_reference, decode_nf4
 
 # Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
 # these again under ATEN_CPU_CAPABILITY=avx2 and default.
@@ -30,7 +30,7 @@ def _compare(backend, device, dtype, **shape):
     w, x, e1, e2, bias = _case(dtype, device, **shape)
     with_bias = None if trans else bias
     got = nf4_matmul(x, w, trans=trans, e1=e1, e2=e2, bias=with_bias, backend=backend)
-    dense = fastlora.dequantize_nf4(w, dtype=dtype)
+    dense = decode_nf4(w, dtype=dtype)  # the independent decoder's weight
     ref = nf4_matmul_reference(x.double(), dense.double(), trans, e1.double(), e2.double(),
                                None if with_bias is None else with_bias.double())
     lowp = nf4_matmul_reference(x, dense, trans, e1, e2, with_bias)
@@ -69,8 +69,9 @@ def test_torch_backend():
 
 def test_without_epilogue(triton_device):
     w, x, *_ = _case(torch.float32, triton_device)
-    dense = fastlora.dequantize_nf4(w)
-    torch.testing.assert_close(nf4_matmul(x, w, backend="triton"), x @ dense.t(), rtol=1e-5, atol=1e-5)
+    dense = decode_nf4(w)
+    assert_close_to_reference(nf4_matmul(x, w, backend="triton"), x.double() @ dense.double().t(), x @ dense.t(),
+                              name="no epilogue")
 
 
 @pytest.mark.gpu
