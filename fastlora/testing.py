@@ -125,14 +125,16 @@ def assert_pooled_close_to_reference(actual: list[torch.Tensor], reference: list
                              f"({floor:.3e}), over {len(actual)} tensors of norm {size:.3e}")
 
 
-def fp64_twin(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy of ``module`` (a layer or a whole model, PEFT-wrapped or not) in fp64, each bitsandbytes 4-bit
-    layer replaced by an ``nn.Linear`` holding its weight as :func:`decode_nf4` reads the bytes: the exact run that
-    the tolerance rule measures errors against. Its parameters keep their names and ``requires_grad``.
+def torch_twin(module: torch.nn.Module, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """A deep copy of ``module`` (a layer or a whole model, PEFT-wrapped or not) in ``dtype``, each bitsandbytes
+    4-bit layer replaced by an ``nn.Linear`` holding its weight as :func:`decode_nf4` reads the bytes: the same maths
+    computed by PyTorch alone. In fp64 it is the exact run the tolerance rule measures errors against; in fp32 it is
+    PyTorch's own fp32 computation of a 4-bit model, the rule's yardstick (bitsandbytes' CPU kernels compute it in
+    other orders on other CPUs, more or less accurately). Parameters keep their names and ``requires_grad``.
 
     Example:
-        >>> twin = fp64_twin(peft_layer)
-        >>> twin(x.double()).dtype
+        >>> exact, fp32 = torch_twin(peft_layer), torch_twin(peft_layer, torch.float32)
+        >>> exact(x.double()).dtype
         torch.float64
     """
     import copy
@@ -147,7 +149,7 @@ def fp64_twin(module: torch.nn.Module) -> torch.nn.Module:
                     dense.bias.data = child.bias.data.detach().float().clone()
                 dense.requires_grad_(False)
                 setattr(parent, child_name, dense)
-    return twin.double()
+    return twin.to(dtype)
 
 
 def make_peft_lora_layer(in_features: int, out_features: int, *, ranks: tuple[int, ...] = (8,), dropout: float = 0.0,

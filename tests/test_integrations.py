@@ -8,7 +8,7 @@ import torch
 
 from fastlora.checkpointing import trainer_checkpointing_args
 from fastlora.integrations import FastLoRACallback
-from fastlora.testing import assert_pooled_close_to_reference, fp64_twin, peft_lora_model
+from fastlora.testing import assert_pooled_close_to_reference, peft_lora_model, torch_twin
 
 # Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
 # these again under ATEN_CPU_CAPABILITY=avx2 and default.
@@ -71,7 +71,7 @@ def test_trainer_with_the_callback_trains_like_the_unpatched_model(tmp_path):
     after two AdamW steps failed on AVX-512 CPUs)."""
     runs = {}
     for name in ("fp64", "unpatched", "patched"):
-        model = fp64_twin(_model()) if name == "fp64" else _model()
+        model = torch_twin(_model()) if name == "fp64" else _model()
         grads = _Gradients()
         callbacks = [grads] + ([FastLoRACallback(checkpointing="offload")] if name == "patched" else [])
         _train(model, tmp_path, callbacks, optim="sgd", learning_rate=0.1, max_grad_norm=0.0)  # clipping hides scale

@@ -11,9 +11,9 @@ from fastlora.patching import lora_args
 from fastlora.testing import (
     assert_close_to_reference,
     assert_grads_close_to_reference,
-    fp64_twin,
     lora_grads,
     make_peft_lora_layer,
+    torch_twin,
 )
 
 # Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
@@ -79,13 +79,16 @@ def test_equals_peft_mlp(act, fused, dropout):
 
 
 def _equal_to_peft(gate_up, down, act, x):
-    """fastlora's MLP against PEFT's layers: outputs and LoRA gradients within twice PEFT's own error against the
-    same PEFT layers in fp64 (4-bit bases as the independent decoder reads them), with the same dropout masks."""
+    """fastlora's MLP against PEFT's layers: outputs and LoRA gradients within twice the error of PyTorch computing
+    PEFT's layers in fp32 against the same layers in fp64 (4-bit bases as the independent decoder reads them, in
+    both), with the same dropout masks."""
     layers = [*gate_up, down]
-    ref = _run(layers, x, lambda t: _peft_forward(gate_up, down, act, t))
+    gate_up32 = [(torch_twin(layer, torch.float32), names) for layer, names in gate_up]
+    down32 = (torch_twin(down[0], torch.float32), down[1])
+    ref = _run([*gate_up32, down32], x, lambda t: _peft_forward(gate_up32, down32, act, t))
     got = _run(layers, x, lambda t: _fastlora_forward(gate_up, down, act, t))
-    gate_up64 = [(fp64_twin(layer), names) for layer, names in gate_up]
-    down64 = (fp64_twin(down[0]), down[1])
+    gate_up64 = [(torch_twin(layer), names) for layer, names in gate_up]
+    down64 = (torch_twin(down[0]), down[1])
     exact = _run([*gate_up64, down64], x.double(), lambda t: _peft_forward(gate_up64, down64, act, t))
     assert_close_to_reference(got[0], exact[0], ref[0], name="y")
     assert_close_to_reference(got[1], exact[1], ref[1], name="dx")

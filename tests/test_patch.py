@@ -12,9 +12,9 @@ from fastlora.testing import (
     assert_close_to_reference,
     assert_grads_close_to_reference,
     assert_pooled_close_to_reference,
-    fp64_twin,
     nf4_decoder,
     peft_lora_model,
+    torch_twin,
 )
 
 # Compared against torch's CPU kernels, whose summation order follows the CPU's instruction set: .ci/run runs
@@ -59,10 +59,11 @@ def _step(model, ids, labels):
     return None if out.logits is None else out.logits.detach(), out.loss.detach(), grads
 
 
-def _exact(model, ids, labels, seed=None):
-    """One step of ``model``'s fp64 twin (4-bit bases as the independent decoder reads them): the reference both
-    the unpatched and the patched model's errors are measured against. Take it before patching."""
-    twin = fp64_twin(model)
+def _exact(model, ids, labels, seed=None, dtype=torch.float64):
+    """One step of ``model``'s twin computed by PyTorch alone (4-bit bases as the independent decoder reads them):
+    in fp64 the reference that errors are measured against; in fp32 the yardstick for a 4-bit model, whose
+    bitsandbytes kernels compute in other orders on other CPUs. Take it before patching."""
+    twin = torch_twin(model, dtype)
     if seed is not None:
         torch.manual_seed(seed)  # the dropout masks
     return _step(twin, ids, labels)
@@ -104,7 +105,7 @@ def test_peft_llama_patched_equals_unpatched(checkpointing, loss):
     after = _step(model, ids, labels)
     torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)  # bit-identical again
     model.eval()
-    assert_close_to_reference(eval_logits, fp64_twin(model).eval()(input_ids=ids).logits,
+    assert_close_to_reference(eval_logits, torch_twin(model).eval()(input_ids=ids).logits,
                               model(input_ids=ids).logits, name="eval logits")
 
 
@@ -115,7 +116,7 @@ def test_num_items_in_batch_reaches_the_loss():
         model.train()
         ids, labels = _batch()
         want = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5)).loss
-        exact = fp64_twin(model)(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5)).loss
+        exact = torch_twin(model)(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5)).loss
         fastlora.patch(model, loss=loss)
         got = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(5)).loss
         assert_close_to_reference(got, exact, want, ulps=4, name=f"{loss} loss")
@@ -164,7 +165,7 @@ def test_dropout_adapter_switching_and_merge():
     with model.disable_adapter(), reference.disable_adapter():
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
     merged = model.merge_and_unload()
-    assert_close_to_reference(merged(input_ids=ids).logits, fp64_twin(reference)(input_ids=ids).logits,
+    assert_close_to_reference(merged(input_ids=ids).logits, torch_twin(reference)(input_ids=ids).logits,
                               reference(input_ids=ids).logits, name="merged logits")
 
 
@@ -215,10 +216,10 @@ def test_peft_over_bitsandbytes_patched_equals_unpatched():
     ids, labels = _batch()
     model.train()
     before = _step(model, ids, labels)
-    exact = _exact(model, ids, labels)
+    exact, fp32 = _exact(model, ids, labels), _exact(model, ids, labels, dtype=torch.float32)
     report = fastlora.patch(model)
     assert sum("Linear4bit" in what for _, what in report.patched) == 14
-    _same(_step(model, ids, labels), before, exact)
+    _same(_step(model, ids, labels), fp32, exact)
     report.undo()
     torch.testing.assert_close(_step(model, ids, labels)[0], before[0], rtol=0, atol=0)
 
@@ -235,7 +236,7 @@ def test_generation_and_saving_adapters(tmp_path):
     assert set(model.state_dict()) == keys
     model.save_pretrained(tmp_path)
     reloaded = peft.PeftModel.from_pretrained(_llama(), tmp_path)
-    assert_close_to_reference(model(input_ids=ids).logits, fp64_twin(reloaded)(input_ids=ids).logits,
+    assert_close_to_reference(model(input_ids=ids).logits, torch_twin(reloaded)(input_ids=ids).logits,
                               reloaded(input_ids=ids).logits, name="logits of the reloaded adapters")
 
 
@@ -368,8 +369,9 @@ def test_four_bit_merge_unmerge_installs_new_weights_that_the_patch_reads():
         m.base_model.merge_adapter()
         m.base_model.unmerge_adapter()  # requantized: new Params4bit objects
     assert q_proj.base_layer.weight is not old_weight
-    assert_close_to_reference(model(input_ids=ids).logits, fp64_twin(reference)(input_ids=ids).logits,
-                              reference(input_ids=ids).logits, name="logits after merge and unmerge")
+    assert_close_to_reference(model(input_ids=ids).logits, torch_twin(reference)(input_ids=ids).logits,
+                              torch_twin(reference, torch.float32)(input_ids=ids).logits,
+                              name="logits after merge and unmerge")
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -402,6 +404,7 @@ def test_every_family_peft_everything_patched(model_type, four_bit):
     ids, labels = _batch()
     before = _step(model, ids, labels)
     exact = _exact(model, ids, labels)
+    yardstick = _exact(model, ids, labels, dtype=torch.float32) if four_bit else before
     report = fastlora.patch(model, backend="torch")
     kinds = " ".join(what for _, what in report.patched)
     assert "lora_linear" in kinds and "apply_rope" in kinds and "lora_mlp" in kinds and "fused_linear" in kinds
@@ -409,7 +412,7 @@ def test_every_family_peft_everything_patched(model_type, four_bit):
         assert ("model.layers.0.self_attn", "q/k/v: qkv_proj is already one projection") in report.skipped
     else:
         assert "lora_qkv" in kinds
-    _same(_step(model, ids, labels), before, exact)
+    _same(_step(model, ids, labels), yardstick, exact)
     model.eval()
     prompt = ids[:, :4]
     patched_tokens = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -436,7 +439,7 @@ def test_every_family_trains_like_the_unpatched_model(model_type):
     from fastlora import OffloadedCheckpointing
 
     reference = _peft(_tiny(model_type, layers=2), dropout=0.05)
-    model, exact = copy.deepcopy(reference), fp64_twin(reference)
+    model, exact = copy.deepcopy(reference), torch_twin(reference)
     offload = OffloadedCheckpointing(min_offload_bytes=0, offload_device_types=("cpu",), pin_memory=False)
     fastlora.patch(model, backend="torch", checkpointing=offload)
     for m in (reference, model, exact):
