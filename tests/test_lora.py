@@ -64,14 +64,32 @@ def _equal_to_peft(layer, names, x):
     bitsandbytes kernel is no yardstick, it computes in other orders on other CPUs), with the same dropout masks."""
     y_ref, dx_ref, g_ref = _run(layer, names, x, layer)  # PEFT's own layer: the dtypes
     low, exact = torch_twin(layer, torch.float32), torch_twin(layer)
-    y_low, dx_low, g_low = _run(low, names, x, low)
+    lows = [_run(low, names, x, low)]
+    if len(names) > 1 and (not layer.training or all(isinstance(layer.lora_dropout[n], torch.nn.Identity)
+                                                     for n in names)):
+        lows.append(_run(low, names, x, lambda t: _one_down_gemm(low, names, t)))
     y64, dx64, g64 = _run(exact, names, x.double(), exact)
     y, dx, g = _run(layer, names, x, lambda t: _fastlora_forward(layer, names, t))
     assert y.dtype == y_ref.dtype and y.shape == y_ref.shape and dx.dtype == dx_ref.dtype
-    assert_close_to_reference(y, y64, y_low, name="y")
-    assert_close_to_reference(dx, dx64, dx_low, name="dx")
+    assert_close_to_reference(y, y64, [r[0] for r in lows], name="y")
+    assert_close_to_reference(dx, dx64, [r[1] for r in lows], name="dx")
     assert {k: t.dtype for k, t in g.items()} == {k: t.dtype for k, t in g_ref.items()}
-    assert_grads_close_to_reference(g, g64, g_low)
+    assert_grads_close_to_reference(g, g64, [r[2] for r in lows])
+
+
+def _one_down_gemm(layer, names, t):
+    """PEFT's maths in lora_linear's arrangement, by PyTorch: the adapters' A stacked into one GEMM over x (fastlora
+    reads x once when no dropout tells the adapters' inputs apart), then each B. Its fp32 rounding is PyTorch's own
+    too, and it differs from the adapter-by-adapter GEMMs' with the kernels the CPU's BLAS picks for the two
+    shapes: with AVX2 kernels (a CPU without AVX-512, emulated) X A^T for K 128 erred 5.3e-6 at N = 12 and 1.1e-6 at
+    N = 8, with AVX-512 ones 5.3e-6 at both."""
+    xa = torch.nn.functional.linear(t, torch.cat([layer.lora_A[n].weight for n in names]))
+    y, start = layer.get_base_layer()(t), 0
+    for n in names:
+        r = layer.lora_A[n].weight.shape[0]
+        y = y + layer.lora_B[n](xa[..., start:start + r]) * layer.scaling[n]
+        start += r
+    return y
 
 
 def _x(dtype=torch.float32, shape=(3, 5), seed=2, k=K):
