@@ -181,7 +181,9 @@ def test_bit_exact_with_bitsandbytes_where_its_dequantize_is_sane():
         expected = BF.dequantize_4bit(q, state).reshape(shape)
         assert torch.equal(fastlora.dequantize_nf4(_from_state(q, state)), expected), (shape, blocksize, nested, dtype)
         compared.add((shape, blocksize, nested, dtype))
-    # Whole-block rows, one row, one block: bitsandbytes reads all of these right.
+    # Whole-block rows, one row, one block: bitsandbytes reads all of these right. This is the premise of every test
+    # with a bitsandbytes layer in the loop, stated once here; the others compare with bitsandbytes only where
+    # bnb_dequantize_is_sane says so, and always with the independent decoder.
     for shape, blocksize in (((64, 64), 32), ((64, 64), 64), ((7,), 64), ((1, 1), 32), ((5, 70), 4096)):
         assert {(shape, blocksize, n, d) for n in (False, True) for d in DTYPES} <= compared, (shape, blocksize)
 
@@ -275,8 +277,8 @@ def test_from_bnb_reads_non_uint8_storage():
     nf4 = NF4Weight.from_bnb(param)
     assert nf4.data.data_ptr() == q.data_ptr()
     assert torch.equal(fastlora.dequantize_nf4(nf4), decode_nf4(param))
-    assert bnb_dequantize_is_sane((16, 64), 64, dtype=torch.bfloat16, nested=True)
-    assert torch.equal(fastlora.dequantize_nf4(nf4), BF.dequantize_4bit(q, state))
+    if bnb_dequantize_is_sane((16, 64), 64, dtype=torch.bfloat16, nested=True):
+        assert torch.equal(fastlora.dequantize_nf4(nf4), BF.dequantize_4bit(q, state))
 
 
 @pytest.mark.parametrize("nested_dtype", [torch.bfloat16, torch.float16])
@@ -294,13 +296,14 @@ def test_from_bnb_decodes_nested_absmax_in_state2_dtype(nested_dtype):
                                absmax2=state.state2.absmax, offset=state.offset)
     assert not torch.equal(as_fp32, decode_nf4(param, dtype=torch.float32)), "the test shows nothing"
     for dtype in DTYPES:
-        assert bnb_dequantize_is_sane(shape, 64, dtype=dtype, nested=True), "bitsandbytes misreads whole blocks"
         state.dtype = dtype
-        expected = BF.dequantize_4bit(q, state)
+        expected = decode_nf4(param)  # the independent decoder, in state2.dtype
         assert torch.equal(fastlora.dequantize_nf4(nf4, dtype=dtype), expected), dtype
-        assert torch.equal(decode_nf4(param), expected), dtype
+        if bnb_dequantize_is_sane(shape, 64, dtype=dtype, nested=True):  # and bitsandbytes' own decode agrees
+            assert torch.equal(BF.dequantize_4bit(q, state), expected), dtype
     state.dtype = torch.float32
     again = nf4.to_bnb()
+    assert torch.equal(decode_nf4(again), decode_nf4(param))
     assert torch.equal(BF.dequantize_4bit(again.data, again.quant_state), BF.dequantize_4bit(q, state))
     assert all(torch.equal(getattr(NF4Weight.from_bnb(again), f), getattr(nf4, f)) for f in ("data", "absmax"))
 
@@ -322,9 +325,10 @@ def test_from_bnb_reads_a_weight_bitsandbytes_repacked_and_unpacked():
     layer.state_dict()
     state = layer.weight.quant_state
     assert state.state2.dtype == torch.bfloat16 and not state.packing_format_for_cpu
-    expected = BF.dequantize_4bit(layer.weight.data, state)
+    expected = decode_nf4(layer)
     assert torch.equal(fastlora.dequantize_nf4(NF4Weight.from_bnb(layer)), expected)
-    assert torch.equal(decode_nf4(layer), expected)
+    if bnb_dequantize_is_sane((64, 256), 64, dtype=torch.bfloat16, nested=True):
+        assert torch.equal(BF.dequantize_4bit(layer.weight.data, state), expected)
 
 
 def test_to_bnb_warns_where_bnb_cpu_dequantize_misreads():
