@@ -16,6 +16,13 @@ def from_bnb(param_or_layer: object) -> NF4Weight:
     if not isinstance(param, torch.Tensor) and hasattr(param, "weight"):
         param = param.weight
     state = getattr(param, "quant_state", None)
+    if state is None and param is not param_or_layer:
+        # A wrapper that rebuilds the parameter (FSDP2 all-gathers it into a plain tensor) drops the state the
+        # Params4bit carried; Linear4bit keeps its own reference, from which bitsandbytes' forward restores it.
+        state = getattr(param_or_layer, "quant_state", None)
+        if state is not None and (param.dim() != 2 or param.shape[1] != 1):
+            raise ValueError(f"NF4Weight.from_bnb: the layer's weight of shape {tuple(param.shape)} has lost its "
+                             "quantization state and is not packed 4-bit data ([n, 1])")
     if not isinstance(param, torch.Tensor) or state is None:
         raise TypeError(
             "NF4Weight.from_bnb: expected a quantized bitsandbytes Params4bit or a layer holding one (such as "

@@ -12,7 +12,7 @@ import torch
 
 from ..dispatch import use_backend
 from ..ops.lora import lora_linear
-from .peft_lora import UnsupportedLoRA, lora_args
+from .peft_lora import NothingToFuse, UnsupportedLoRA, lora_args
 from .qkv import lent_output
 
 _FAST: dict[type, type] = {}
@@ -20,17 +20,23 @@ _FAST: dict[type, type] = {}
 
 def _forward(self: torch.nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     original = type(self)._fastlora_original
+    coverage = self._fastlora_coverage
     if args or kwargs:  # adapter_names (mixed batches) and anything else only PEFT's forward knows
+        coverage.fallback(f"called with {', '.join(kwargs) or 'extra positional arguments'}, which only PEFT's "
+                          "forward takes")
         return original.forward(self, x, *args, **kwargs)
     lent = lent_output(self, x)  # made for this layer by its attention's lora_qkv (see .qkv)
-    if lent is not None:
+    if lent is not None:  # counted in the attention's coverage
         return lent
     try:
         a = lora_args(self)
-    except UnsupportedLoRA:
+    except NothingToFuse as e:
+        coverage.nothing_to_do(str(e))
         return original.forward(self, x)
-    if not a.A:  # disabled, merged, or no active adapter here: the base layer alone, as PEFT does it
+    except UnsupportedLoRA as e:
+        coverage.fallback(str(e))
         return original.forward(self, x)
+    coverage.hit()
     with use_backend(self._fastlora_backend):
         return lora_linear(x, a.base, a.A, a.B, a.scaling, bias=a.bias, dropout_p=a.dropout_p,
                            lora_bias=a.lora_bias, compute_dtype=a.compute_dtype)

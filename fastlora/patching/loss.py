@@ -14,12 +14,14 @@ mode, ``logits_to_keep``, ``return_dict=False``) goes to transformers' own forwa
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..ops.cross_entropy import cross_entropy
 from ..ops.linear_cross_entropy import fused_linear_cross_entropy
+from .coverage import Coverage
 from .families import Family
 
 
@@ -46,6 +48,18 @@ _shift = shift_labels
 _FUSED: dict[type, type] = {}
 
 
+@dataclass
+class CountedLoss:
+    """:func:`causal_lm_loss` as a model's ``loss_function``, counting its calls in the patch's coverage (data, not
+    a closure: a deep copy of the model counts in its own report)."""
+
+    coverage: Coverage
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: object) -> torch.Tensor:
+        self.coverage.hit("cross_entropy")
+        return causal_lm_loss(logits, labels, vocab_size, **kwargs)
+
+
 def fused_class(cls: type, family: Family) -> type:
     """The subclass of a ``*ForCausalLM`` class whose training forward with labels never makes the logits."""
     key = (cls, family)
@@ -60,8 +74,11 @@ def fused_class(cls: type, family: Family) -> type:
 def _fused_forward(original: Callable[..., object], family: Family) -> Callable[..., object]:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,  # noqa: ANN001
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        # Not isinstance(self, <this class>) any more: unpatched, but called through a bound method kept from
+        # before (TRL's fused head stores the model's forward when the trainer is made).
         plain = labels is None or not self.training or not torch.is_grad_enabled() or logits_to_keep != 0 \
-            or kwargs.get("return_dict") is False or type(self.lm_head) is not torch.nn.Linear
+            or kwargs.get("return_dict") is False or type(self.lm_head) is not torch.nn.Linear \
+            or "_fastlora_loss_coverage" not in self.__dict__
         if plain:
             return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
@@ -72,6 +89,7 @@ def _fused_forward(original: Callable[..., object], family: Family) -> Callable[
         outputs = getattr(self, self.base_model_prefix)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        self._fastlora_loss_coverage.hit("fused_linear_cross_entropy")
         targets = _shift(labels) if targets is None else targets
         softcap = getattr(self.config, family.final_logit_softcap, None) if family.final_logit_softcap else None
         # In the head's dtype, as F.linear would need it (an fp32 head after prepare_model_for_kbit_training).

@@ -14,7 +14,7 @@ import torch
 from ..dispatch import use_backend
 from ..ops.lora_mlp import LoRAProjection, lora_mlp
 from .families import Family
-from .peft_lora import UnsupportedLoRA, lora_args
+from .peft_lora import NothingToFuse, UnsupportedLoRA, lora_args
 
 _FAST: dict[tuple[type, Family, str], type] = {}
 #: transformers' activation names -> lora_mlp's.
@@ -26,7 +26,7 @@ def projection(layer: torch.nn.Module) -> tuple[LoRAProjection, torch.dtype | No
     """One plain-LoRA projection for :func:`lora_mlp`, and its compute dtype; UnsupportedLoRA otherwise."""
     if not hasattr(layer, "lora_A"):
         raise UnsupportedLoRA(f"{type(layer).__name__} has no LoRA adapter")
-    a = lora_args(layer)
+    a = lora_args(layer)  # NothingToFuse when no adapter is active
     if len(a.A) != 1:
         raise UnsupportedLoRA(f"{len(a.A)} active adapters (the fused MLP takes one per projection)")
     if a.lora_bias[0] is not None:
@@ -37,19 +37,37 @@ def projection(layer: torch.nn.Module) -> tuple[LoRAProjection, torch.dtype | No
 def projections(mlp: torch.nn.Module, family: Family) -> tuple[list[LoRAProjection], LoRAProjection,
                                                                 torch.dtype | None]:
     """(gate_up, down, compute dtype) of a family's MLP module, or UnsupportedLoRA with the reason."""
-    gate_up = [projection(getattr(mlp, name)) for name in family.gate_up]
-    down, _ = projection(getattr(mlp, family.down))
-    return [p for p, _ in gate_up], down, gate_up[0][1]
+    layers = [getattr(mlp, name) for name in (*family.gate_up, family.down)]
+    try:
+        done = [projection(layer) for layer in layers]
+    except NothingToFuse as e:
+        idle = []
+        for layer in layers:
+            try:
+                projection(layer)
+            except NothingToFuse:
+                idle.append(layer)
+        if len(idle) == len(layers):
+            raise
+        raise UnsupportedLoRA(f"some projections have no active adapter ({e})") from None
+    return [p for p, _ in done[:-1]], done[-1][0], done[0][1]
 
 
 def _forward(self: torch.nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     cls = type(self)
+    coverage = self._fastlora_coverage
     if args or kwargs:
+        coverage.fallback(f"called with {', '.join(kwargs) or 'extra positional arguments'}")
         return cls._fastlora_original.forward(self, x, *args, **kwargs)
     try:
         gate_up, down, compute_dtype = projections(self, cls._fastlora_family)
-    except UnsupportedLoRA:
+    except NothingToFuse as e:
+        coverage.nothing_to_do(str(e))
         return cls._fastlora_original.forward(self, x)
+    except UnsupportedLoRA as e:
+        coverage.fallback(str(e))
+        return cls._fastlora_original.forward(self, x)
+    coverage.hit()
     backend = self._fastlora_backend
     with use_backend(backend) if backend else contextlib.nullcontext():
         return lora_mlp(x, gate_up, down, activation=cls._fastlora_activation, compute_dtype=compute_dtype)

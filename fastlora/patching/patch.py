@@ -10,18 +10,21 @@ reason.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
 
+from .._logging import logger
 from ..checkpointing import OffloadedCheckpointing
 from ..dispatch import Backend
 from .checkpointing import patch_checkpointing
+from .coverage import CoverageReport
 from .families import Family, family_of
 from .lora_layers import fast_class, lora_layer_classes
-from .loss import causal_lm_loss, fused_class
+from .loss import CountedLoss, fused_class
 from .mlp import ACTIVATIONS, fast_mlp_class, projections
-from .peft_lora import UnsupportedLoRA, lora_args
+from .peft_lora import NothingToFuse, UnsupportedLoRA, lora_args
 from .qkv import fast_qkv_class, qkv_arguments
 from .report import PatchReport
 from .rope import fast_attention_class, install_trampoline, rope_worth_it
@@ -103,8 +106,22 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
         _patch_mlp(hf, family, report, forced)
     if offload is not None:
         patch_checkpointing(hf, offload, report)
+    tuner = getattr(model, "base_model", None) if hf is not model else None
+    for name in ("merge_and_unload", "unload"):
+        if callable(getattr(type(tuner), name, None)):
+            report.set_attr(None, "", tuner, name, functools.partial(_unpatched_then, tuner, name))
     report.set_attr(None, "", hf, _ATTR, report)
     return report
+
+
+def _unpatched_then(tuner: torch.nn.Module, name: str, *args: object, **kwargs: object) -> torch.nn.Module:
+    """PEFT's ``merge_and_unload()`` or ``unload()`` of a patched model: the patch is undone first, so the model
+    returned is transformers' own (not a patched one whose LoRA layers are gone and whose training forward still
+    returns no logits)."""
+    if unpatch(tuner.model):
+        logger.info("fastlora: %s() of a patched model: unpatched it first; patch the returned model again to "
+                    "train it with fastlora", name)
+    return getattr(type(tuner), name)(tuner, *args, **kwargs)
 
 
 def unpatch(model: torch.nn.Module) -> bool:
@@ -119,6 +136,22 @@ def unpatch(model: torch.nn.Module) -> bool:
         return False
     report.undo()
     return True
+
+
+def coverage(model: torch.nn.Module) -> CoverageReport:
+    """What ran since ``model`` was patched: per patched module, calls on fastlora's ops and fallbacks with why.
+
+    Raises:
+        ValueError: the model was never patched.
+
+    Example:
+        >>> fastlora.patch(model); trainer.train()
+        >>> print(fastlora.patching.coverage(model))
+    """
+    report = getattr(_hf_model(model), _ATTR, None)
+    if report is None:
+        raise ValueError("fastlora.patching.coverage: this model was not patched by fastlora.patch")
+    return report.coverage()
 
 
 def _patch_lora_layers(hf: torch.nn.Module, report: PatchReport, backend: Backend | str | None) -> None:
@@ -137,18 +170,24 @@ def _patch_lora_layers(hf: torch.nn.Module, report: PatchReport, backend: Backen
             report.skip(name, f"{cls.__name__}: not a plain LoRA linear layer")
             continue
         _swap_if_supported(report, name, "", lambda m=module: lora_args(m), f"{cls.__name__} -> fastlora.lora_linear",
-                           module, fast_class(cls), backend)
+                           module, fast_class(cls), backend, "lora_linear")
 
 
 def _swap_if_supported(report: PatchReport, name: str, part: str, check: Callable[[], object], what: str,
-                       module: torch.nn.Module, new_class: type, backend: Backend | str | None) -> None:
-    """Swap ``module``'s class if ``check()`` passes; else record the UnsupportedLoRA reason (``part: reason``)."""
+                       module: torch.nn.Module, new_class: type, backend: Backend | str | None, op: str,
+                       counter_attr: str = "_fastlora_coverage", **attrs: object) -> bool:
+    """Swap ``module``'s class if ``check()`` passes (no active adapter right now is fine: one may be later);
+    else record the UnsupportedLoRA reason (``part: reason``). The module gets a call counter for ``op``."""
     try:
         check()
+    except NothingToFuse:
+        pass
     except UnsupportedLoRA as e:
         report.skip(name, f"{part}: {e}" if part else str(e))
-        return
-    report.swap_class(name, what, module, new_class, _fastlora_backend=backend)
+        return False
+    report.swap_class(name, what, module, new_class, _fastlora_backend=backend,
+                      **{counter_attr: report.track(name, op)}, **attrs)
+    return True
 
 
 def _modules(hf: torch.nn.Module, family: Family, suffix: str) -> Iterator[tuple[str, torch.nn.Module, str]]:
@@ -164,9 +203,11 @@ def _patch_qkv(hf: torch.nn.Module, family: Family, report: PatchReport, backend
     for name, module, cls_name in _modules(hf, family, "Attention"):
         if not any(hasattr(getattr(module, proj, None), "lora_A") for proj in family.qkv):
             continue  # no LoRA on the attention: nothing to fuse, nothing to report
-        _swap_if_supported(report, name, "q/k/v", lambda m=module: qkv_arguments(m, family),
-                           f"{cls_name}: {'/'.join(family.qkv)} -> fastlora.lora_qkv", module,
-                           fast_qkv_class(type(module), family), backend)
+        if _swap_if_supported(report, name, "q/k/v", lambda m=module: qkv_arguments(m, family),
+                              f"{cls_name}: {'/'.join(family.qkv)} -> fastlora.lora_qkv", module,
+                              fast_qkv_class(type(module), family), backend, "lora_qkv", "_fastlora_qkv_coverage"):
+            for proj in family.qkv:
+                getattr(module, proj)._fastlora_coverage.served_by = module._fastlora_qkv_coverage
 
 
 def _patch_loss(hf: torch.nn.Module, family: Family, loss: str, report: PatchReport) -> None:
@@ -174,8 +215,9 @@ def _patch_loss(hf: torch.nn.Module, family: Family, loss: str, report: PatchRep
         report.skip("loss", f"{type(hf).__name__} has no lm_head: not a causal LM")
         return
     # transformers 5 keeps an instance's loss in _loss_function (the loss_function property's setter).
+    counter = report.track("loss", "loss")
     report.set_attr("loss_function", "transformers' ForCausalLMLoss -> fastlora.cross_entropy", hf,
-                    "_loss_function", causal_lm_loss)
+                    "_loss_function", CountedLoss(counter))
     if loss == "fused_linear":
         if type(hf.lm_head) is not torch.nn.Linear:
             report.skip("lm_head", f"{type(hf.lm_head).__name__}: the fused loss needs a plain nn.Linear head; "
@@ -183,7 +225,7 @@ def _patch_loss(hf: torch.nn.Module, family: Family, loss: str, report: PatchRep
             return
         cls = type(hf)
         report.swap_class(cls.__name__, "training with labels: fused_linear_cross_entropy, no logits", hf,
-                          fused_class(cls, family))
+                          fused_class(cls, family), _fastlora_loss_coverage=counter)
 
 
 def _patch_rope(hf: torch.nn.Module, family: Family, report: PatchReport, backend: Backend | str | None) -> None:
@@ -196,7 +238,8 @@ def _patch_rope(hf: torch.nn.Module, family: Family, report: PatchReport, backen
     install_trampoline(family.modeling)
     for name, module, cls_name in _modules(hf, family, "Attention"):
         report.swap_class(name, f"{cls_name}: apply_rotary_pos_emb -> fastlora.apply_rope", module,
-                          fast_attention_class(type(module)), _fastlora_rope_backend=backend)
+                          fast_attention_class(type(module)), _fastlora_rope_backend=backend,
+                          _fastlora_rope_coverage=report.track(name, "apply_rope"))
 
 
 def _patch_mlp(hf: torch.nn.Module, family: Family, report: PatchReport, backend: Backend | str | None) -> None:
@@ -211,6 +254,10 @@ def _patch_mlp(hf: torch.nn.Module, family: Family, report: PatchReport, backend
         report.skip("mlp", f"activation {act_name!r} has no fused kernel")
         return
     for name, module, cls_name in _modules(hf, family, "MLP"):
-        _swap_if_supported(report, name, "MLP", lambda m=module: projections(m, family),
-                           f"{cls_name} -> fastlora.lora_mlp ({activation})", module,
-                           fast_mlp_class(type(module), family, activation), backend)
+        if _swap_if_supported(report, name, "MLP", lambda m=module: projections(m, family),
+                              f"{cls_name} -> fastlora.lora_mlp ({activation})", module,
+                              fast_mlp_class(type(module), family, activation), backend, "lora_mlp"):
+            for proj in (*family.gate_up, family.down):
+                counter = getattr(getattr(module, proj), "_fastlora_coverage", None)
+                if counter is not None:
+                    counter.served_by = module._fastlora_coverage

@@ -20,9 +20,13 @@ class UnsupportedLoRA(Exception):
     """The layer cannot take the fused path; the message is the reason the patch report shows."""
 
 
+class NothingToFuse(UnsupportedLoRA):
+    """No active adapter at this moment (disabled, merged): the base layer alone runs, which is not a fallback."""
+
+
 @dataclass(frozen=True)
 class LoRAArgs:
-    """What :func:`fastlora.lora_linear` needs for one PEFT layer at this moment (``A`` empty: base only)."""
+    """What :func:`fastlora.lora_linear` needs for one PEFT layer at this moment (at least one adapter)."""
 
     base: torch.Tensor | NF4Weight
     bias: torch.Tensor | None
@@ -39,6 +43,7 @@ def lora_args(layer: torch.nn.Module) -> LoRAArgs:
 
     Raises:
         UnsupportedLoRA: with the reason, e.g. ``"DoRA adapter 'default'"``, when PEFT's own forward must run.
+        NothingToFuse: (an UnsupportedLoRA) no adapter is active now: disabled, merged, or none on this layer.
 
     Example:
         >>> args = lora_args(model.base_model.model.model.layers[0].self_attn.q_proj)
@@ -74,16 +79,25 @@ def lora_args(layer: torch.nn.Module) -> LoRAArgs:
         B.append(lora_b.weight)
         lora_bias.append(lora_b.bias)
         scaling.append(float(layer.scaling[name]))
+    if not A:
+        raise NothingToFuse("adapters disabled" if layer.disable_adapters else "merged" if layer.merged
+                            else "no active adapter on this layer")
     return LoRAArgs(base, base_layer.bias, A, B, scaling, dropout_p, lora_bias, compute_dtype)
 
 
 def _base_weight(base_layer: torch.nn.Module) -> tuple[torch.Tensor | NF4Weight, torch.dtype | None]:
     weight = getattr(base_layer, "weight", None)
-    if getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit":
+    if getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit" \
+            or _is_bnb_4bit(type(base_layer)):
         return _nf4_view(base_layer, weight), getattr(base_layer, "compute_dtype", None)
     if type(base_layer) is not torch.nn.Linear:
         raise UnsupportedLoRA(f"base layer is a {type(base_layer).__name__}, not nn.Linear or bitsandbytes Linear4bit")
     return weight, None
+
+
+def _is_bnb_4bit(cls: type) -> bool:
+    """Whether a layer class is bitsandbytes' Linear4bit (or a subclass), without importing bitsandbytes."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in cls.__mro__)
 
 
 # NF4Weight.from_bnb costs ~0.1 ms (attribute checks, views): too much on every projection of every step. The
@@ -93,7 +107,7 @@ _NF4_VIEWS: dict[int, tuple[weakref.ref, tuple, NF4Weight]] = {}  # by id(Params
 
 
 def _nf4_view(base_layer: torch.nn.Module, weight: torch.Tensor) -> NF4Weight:
-    state = weight.quant_state
+    state = getattr(weight, "quant_state", None) or getattr(base_layer, "quant_state", None)
     key = (weight.data_ptr(), id(state), state.absmax.data_ptr() if state is not None else None)
     cached = _NF4_VIEWS.get(id(weight))
     if cached is not None and cached[0]() is weight and cached[1] == key:

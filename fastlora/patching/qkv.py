@@ -19,7 +19,7 @@ import torch
 from ..dispatch import use_backend
 from ..ops.lora_qkv import lora_qkv
 from .families import Family
-from .peft_lora import LoRAArgs, UnsupportedLoRA, lora_args
+from .peft_lora import LoRAArgs, NothingToFuse, UnsupportedLoRA, lora_args
 
 _LENT: contextvars.ContextVar[dict[int, tuple[torch.Tensor, torch.Tensor]] | None] = \
     contextvars.ContextVar("fastlora_qkv", default=None)
@@ -40,7 +40,12 @@ def qkv_arguments(attention: torch.nn.Module, family: Family) -> tuple[list[torc
     layers = [getattr(attention, name, None) for name in family.qkv]
     if not all(getattr(type(layer), "_fastlora_lora_linear", False) for layer in layers):
         raise UnsupportedLoRA("q, k and v are not all LoRA layers on fastlora.lora_linear")
-    args = [lora_args(layer) for layer in layers]
+    try:
+        args = [lora_args(layer) for layer in layers]
+    except NothingToFuse:
+        if all(not lora_args_or_none(layer) for layer in layers):
+            raise
+        raise UnsupportedLoRA("q, k and v need one active adapter each, without lora_bias") from None
     if any(len(a.A) != 1 or a.lora_bias[0] is not None for a in args):
         raise UnsupportedLoRA("q, k and v need one active adapter each, without lora_bias")
     if len({a.compute_dtype for a in args}) != 1:
@@ -48,15 +53,29 @@ def qkv_arguments(attention: torch.nn.Module, family: Family) -> tuple[list[torc
     return layers, args
 
 
+def lora_args_or_none(layer: torch.nn.Module) -> LoRAArgs | None:
+    """The layer's arguments, or None when it has no active adapter now."""
+    try:
+        return lora_args(layer)
+    except NothingToFuse:
+        return None
+
+
 def _qkv_forward(parent: type, family: Family) -> Callable[..., object]:
     def forward(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
         x = kwargs.get("hidden_states", args[0] if args else None)
+        coverage = self._fastlora_qkv_coverage
         try:
             if not isinstance(x, torch.Tensor):
                 raise UnsupportedLoRA("no hidden_states tensor")
             layers, qkv = qkv_arguments(self, family)
-        except UnsupportedLoRA:
+        except NothingToFuse as e:
+            coverage.nothing_to_do(str(e))
             return parent.forward(self, *args, **kwargs)
+        except UnsupportedLoRA as e:
+            coverage.fallback(str(e))
+            return parent.forward(self, *args, **kwargs)
+        coverage.hit()
         with use_backend(self._fastlora_backend):
             outputs = lora_qkv(x, [a.base for a in qkv], [a.A[0] for a in qkv], [a.B[0] for a in qkv],
                                [a.scaling[0] for a in qkv], biases=[a.bias for a in qkv],

@@ -19,8 +19,10 @@ import torch
 
 from ..dispatch import Backend, use_backend
 from ..ops.rope import apply_rope
+from .coverage import Coverage
 
-_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("fastlora_rope", default=False)
+# The calling attention's call counter while a patched attention runs, else None.
+_ACTIVE: contextvars.ContextVar[Coverage | None] = contextvars.ContextVar("fastlora_rope", default=None)
 _FAST: dict[type, type] = {}
 
 
@@ -30,8 +32,10 @@ def _trampoline(original: Callable[..., object]) -> Callable[..., object]:
     unsqueeze_at = names.index("unsqueeze_dim") - 4 if "unsqueeze_dim" in names else None
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        if not _ACTIVE.get():
+        coverage = _ACTIVE.get()
+        if coverage is None:
             return original(q, k, cos, sin, *args, **kwargs)
+        coverage.hit()
         unsqueeze_dim = kwargs.get("unsqueeze_dim", 1)
         if unsqueeze_at is not None and len(args) > unsqueeze_at:
             unsqueeze_dim = args[unsqueeze_at]
@@ -51,7 +55,7 @@ def install_trampoline(modeling: str) -> None:
 
 
 def _forward(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
-    token = _ACTIVE.set(True)
+    token = _ACTIVE.set(self._fastlora_rope_coverage)
     try:
         backend = self._fastlora_rope_backend
         with use_backend(rope=backend) if backend else contextlib.nullcontext():
