@@ -249,8 +249,10 @@ def nf4_decoder(model: torch.nn.Module, compute_dtype: torch.dtype = torch.float
                     q = _cpu_layout_kept(bnb.nn.Linear4bit(child.in_features, child.out_features,
                                                            bias=child.bias is not None, compute_dtype=compute_dtype,
                                                            quant_type="nf4", device="cpu"))
+                    # module=q: the layer keeps a reference to the quant state, as from_pretrained's loading does
+                    # (bitsandbytes restores a weight's lost state from it, under FSDP).
                     q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.float32), requires_grad=False,
-                                                 quant_type="nf4")
+                                                 quant_type="nf4", module=q)
                     if child.bias is not None:
                         q.bias = torch.nn.Parameter(child.bias.data.to("cpu"), requires_grad=False)
                     setattr(parent, name, q.to(device))

@@ -103,10 +103,35 @@ def test_trainer_in_bf16_mixed_precision(tmp_path, fused_calls):
     assert got == pytest.approx(expected, rel=2e-3)
 
 
-def test_trl_chunked_loss_is_reported(caplog):
+def test_a_forward_set_on_the_model_instance_is_reported(caplog):
+    """TRL's SFTTrainer sets the model's forward on the instance (tests/test_trl.py runs the real one); any such
+    forward hides the patched class's loss, which on_train_begin says once."""
     model = _model()
+    callback = FastLoRACallback()
+    callback.on_init_end(types.SimpleNamespace(), None, None, model=model)
+    hf = model.get_base_model()
+    hf.forward = hf.forward  # a bound method kept on the instance, as TRL's wrapper keeps one
     with caplog.at_level(logging.WARNING, logger="fastlora"):
-        FastLoRACallback().on_init_end(types.SimpleNamespace(loss_type="chunked_nll"), None, None, model=model)
-    assert any("loss_type='nll'" in r.getMessage() for r in caplog.records)
+        callback.on_train_begin(None, None, None)
+        callback.on_train_begin(None, None, None)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "a forward set on the model instance" in warnings[0], warnings
     with pytest.raises(ValueError, match="no model"):
         FastLoRACallback().on_init_end(types.SimpleNamespace(), None, None, model=None)
+
+
+def test_callback_warns_after_the_first_step_about_what_never_ran(caplog):
+    model = _model()
+    callback = FastLoRACallback()
+    callback.on_init_end(types.SimpleNamespace(), None, None, model=model)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    model.train()
+    model(input_ids=ids).logits.sum().backward()  # no labels: the loss never runs
+    with caplog.at_level(logging.INFO, logger="fastlora"):
+        callback.on_step_end(None, types.SimpleNamespace(global_step=1), None)
+        callback.on_step_end(None, types.SimpleNamespace(global_step=2), None)
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(infos) == 1 and "fastlora coverage of a llama model" in infos[0]
+    assert len(warnings) == 1 and "1 patched modules did not run fastlora's ops" in warnings[0], warnings
+    assert "(loss; first: loss): they were never called" in warnings[0]

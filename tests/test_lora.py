@@ -5,7 +5,7 @@ import torch
 
 import fastlora
 from fastlora.ops.lora import lora_linear_reference
-from fastlora.patching import UnsupportedLoRA, lora_args
+from fastlora.patching import NothingToFuse, UnsupportedLoRA, lora_args
 from fastlora.testing import (
     assert_close_to_reference,
     assert_grads_close_to_reference,
@@ -288,7 +288,8 @@ def test_lora_args_refuses_variants_and_follows_peft_state():
     layer.scaling["a1"] = 0.25  # PEFT may change it at run time: read on every call
     assert lora_args(layer).scaling == [0.25]
     layer.enable_adapters(False)
-    assert lora_args(layer).A == []
+    with pytest.raises(NothingToFuse, match="adapters disabled"):  # an UnsupportedLoRA that is not a fallback
+        lora_args(layer)
     layer.enable_adapters(True)
     dora = peft_lora.Linear(torch.nn.Linear(K, N).requires_grad_(False), "d",
                             peft_lora.LoraConfig(r=4, lora_alpha=8, use_dora=True), r=4, lora_alpha=8)

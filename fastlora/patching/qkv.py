@@ -30,7 +30,10 @@ def lent_output(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The output computed for ``layer`` by its attention's ``lora_qkv``, if ``x`` is the input it was made for."""
     lent = _LENT.get()
     hit = lent.get(id(layer)) if lent is not None else None
-    return hit[1] if hit is not None and hit[0] is x else None
+    if hit is None or hit[0] is not x:
+        return None
+    del lent[id(layer)]  # taken: what is left after the attention's forward was computed for nothing
+    return hit[1]
 
 
 def qkv_arguments(attention: torch.nn.Module, family: Family) -> tuple[list[torch.nn.Module], list[LoRAArgs]]:
@@ -75,16 +78,22 @@ def _qkv_forward(parent: type, family: Family) -> Callable[..., object]:
         except UnsupportedLoRA as e:
             coverage.fallback(str(e))
             return parent.forward(self, *args, **kwargs)
-        coverage.hit()
         with use_backend(self._fastlora_backend):
             outputs = lora_qkv(x, [a.base for a in qkv], [a.A[0] for a in qkv], [a.B[0] for a in qkv],
                                [a.scaling[0] for a in qkv], biases=[a.bias for a in qkv],
                                dropout_p=[a.dropout_p[0] for a in qkv], compute_dtype=qkv[0].compute_dtype)
-        token = _LENT.set({id(layer): (x, y) for layer, y in zip(layers, outputs, strict=True)})
+        lent = {id(layer): (x, y) for layer, y in zip(layers, outputs, strict=True)}
+        token = _LENT.set(lent)
         try:
-            return parent.forward(self, *args, **kwargs)
+            result = parent.forward(self, *args, **kwargs)
         finally:
             _LENT.reset(token)
+        if lent:  # a projection computed its own output (PEFT's adapter_names, a hook that changed its input)
+            coverage.fallback("q, k or v was not called on the attention's input alone, so lora_qkv's outputs were "
+                              "not used")
+        else:
+            coverage.hit()
+        return result
 
     return forward
 
