@@ -7,9 +7,11 @@ inside ``train()``, takes the offloaded kind when ``checkpointing="offload"`` wa
 
 A trainer can route around a patched model: TRL's ``SFTTrainer`` (1.16) sets the model's ``forward`` on the
 instance to its own fused lm_head after the callback has patched it, so fastlora's loss never runs there (its LoRA,
-q/k/v and RoPE patches still do, inside TRL's forward). ``on_train_begin`` finds such a forward and warns with the
-reason; after the first optimizer step the patch's coverage is logged, and every patched part that has not run
-fastlora's ops yet is named in one warning.
+q/k/v and RoPE patches still do, inside TRL's forward). That head is not replaced: it is a chunked Triton kernel
+that never makes the full logits either, and it returns what TRL's losses and metrics need (per-token log-probs,
+entropy, top-1 hits) with options fastlora's loss does not have (temperature, logit scales, MoE auxiliary loss). So
+``on_train_begin`` finds such a forward and warns with the reason; after the first optimizer step the patch's
+coverage is logged, and every patched part that has not run fastlora's ops yet is named in one warning.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class FastLoRACallback(TrainerCallback):
     the first optimizer step, log what ran (:meth:`fastlora.PatchReport.coverage`) and warn about what did not.
 
     TRL's ``SFTTrainer`` computes its loss with its own fused lm_head (every ``loss_type`` of TRL 1.16): fastlora's
-    loss is then bypassed, the rest of the patch still runs, and a warning says so.
+    loss is then bypassed, the rest of the patch still runs, and a warning says so (``loss=None`` asks for no loss
+    patch, and so no warning).
 
     Attributes:
         report: the :class:`fastlora.PatchReport`, once the Trainer exists.
@@ -79,7 +82,9 @@ class FastLoRACallback(TrainerCallback):
         if who is not None and any(c.op == "loss" for c in self.report.counters):
             self._explained.add("loss")
             logger.warning("FastLoRACallback: %s replaces the model's forward, so fastlora's loss does not run in "
-                           "this training (its other patches do, inside that forward)", who)
+                           "this training; fastlora's other patches do, inside that forward. (TRL's head is itself "
+                           "a chunked kernel that never makes the full logits.) FastLoRACallback(loss=None) leaves "
+                           "the loss to the trainer without this warning", who)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step != 1 or self.report is None or self.report.undone:
