@@ -155,3 +155,17 @@ def test_merge_and_unload_of_a_patched_model_gives_transformers_model(how):
     assert out.logits is not None
     torch.testing.assert_close(out.logits, ref.logits)
     torch.testing.assert_close(out.loss, ref.loss)
+
+
+def test_a_deepspeed_zero3_partitioned_layer_falls_back_with_the_reason(caplog):
+    """ZeRO-3 leaves an empty placeholder (carrying ``ds_id``) in each parameter outside its module's own forward;
+    the fused path would read it, so the layer runs PEFT's forward and says why."""
+    model = peft_lora_model(_llama())
+    fastlora.patch(model)
+    layer = model.get_base_model().model.layers[0].self_attn.o_proj
+    layer.get_base_layer().weight.ds_id = 7  # the marker DeepSpeed puts on a partitioned parameter
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        layer(torch.randn(3, 64))
+    warnings = _fastlora_warnings(caplog)
+    assert len(warnings) == 1 and "DeepSpeed ZeRO-3" in warnings[0], warnings
+    assert not layer._fastlora_coverage.ran

@@ -56,6 +56,9 @@ def lora_args(layer: torch.nn.Module) -> LoRAArgs:
         raise UnsupportedLoRA("fan_in_fan_out weight (Conv1D layout)")
     if not getattr(layer, "cast_input_dtype_enabled", True):
         raise UnsupportedLoRA("cast_input_dtype disabled")
+    if hasattr(getattr(base_layer, "weight", None), "ds_id"):
+        # ZeRO-3 gathers a module's parameters only around that module's own forward, which the fused path skips.
+        raise UnsupportedLoRA("parameters partitioned by DeepSpeed ZeRO-3 (gathered only for PEFT's own forward)")
     base, compute_dtype = _base_weight(base_layer)
     active = [] if layer.disable_adapters or layer.merged else \
         [name for name in layer.active_adapters if name in layer.lora_A]
