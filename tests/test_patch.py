@@ -482,3 +482,26 @@ def test_a_deep_copy_undoes_itself_not_the_original():
     assert any("FastLoRA" in type(m).__name__ for m in model.modules())
     assert "_loss_function" not in clone.get_base_model().__dict__
     assert "_loss_function" in model.get_base_model().__dict__
+
+
+def test_fused_forward_takes_arguments_as_transformers_does():
+    """Positional arguments by the original's names (the 4th is ``cache`` in transformers 5.2x, ``past_key_values``
+    before), and no deprecation warning the unpatched forward does not give."""
+    import warnings
+
+    model = _peft(_llama())
+    hf = model.get_base_model()
+    ids, labels = _batch()
+    model.train()
+    with warnings.catch_warnings(record=True) as before:
+        warnings.simplefilter("always")
+        want = hf(ids, None, None, None, None, labels).loss
+    fastlora.patch(model)
+    with warnings.catch_warnings(record=True) as after:
+        warnings.simplefilter("always")
+        out = hf(ids, None, None, None, None, labels, output_hidden_states=True)
+    assert out.logits is None and len(out.hidden_states) == 3
+    torch.testing.assert_close(out.loss, want)
+    assert {str(w.message) for w in after} <= {str(w.message) for w in before}
+    with pytest.raises(TypeError, match="positional arguments"):
+        hf(ids, *[None] * 20)

@@ -13,6 +13,7 @@ mode, ``logits_to_keep``, ``return_dict=False``) goes to transformers' own forwa
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,23 +73,30 @@ def fused_class(cls: type, family: Family) -> type:
 
 
 def _fused_forward(original: Callable[..., object], family: Family) -> Callable[..., object]:
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,  # noqa: ANN001
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    # The original's parameter names, to take positional arguments as it would: transformers renames some between
+    # releases (past_key_values became cache in 5.2x), so the patched forward names none of them itself.
+    names = [p.name for p in inspect.signature(original).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+
+    def forward(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}.forward takes at most {len(names)} positional arguments, "
+                            f"got {len(args)}")
+        kwargs.update(zip(names, args, strict=False))  # fewer args than names: checked above
+        labels = kwargs.get("labels")
         # Not isinstance(self, <this class>) any more: unpatched, but called through a bound method kept from
         # before (TRL's fused head stores the model's forward when the trainer is made).
-        plain = labels is None or not self.training or not torch.is_grad_enabled() or logits_to_keep != 0 \
-            or kwargs.get("return_dict") is False or type(self.lm_head) is not torch.nn.Linear \
-            or "_fastlora_loss_coverage" not in self.__dict__
+        plain = labels is None or not self.training or not torch.is_grad_enabled() \
+            or kwargs.get("logits_to_keep", 0) != 0 or kwargs.get("return_dict") is False \
+            or type(self.lm_head) is not torch.nn.Linear or "_fastlora_loss_coverage" not in self.__dict__
         if plain:
-            return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+            return original(self, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
+        kwargs.pop("labels")
+        kwargs.pop("logits_to_keep", None)
         targets = kwargs.pop("shift_labels", None)
-        outputs = getattr(self, self.base_model_prefix)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        outputs = getattr(self, self.base_model_prefix)(**kwargs)
         self._fastlora_loss_coverage.hit("fused_linear_cross_entropy")
         targets = _shift(labels) if targets is None else targets
         softcap = getattr(self.config, family.final_logit_softcap, None) if family.final_logit_softcap else None
@@ -97,7 +105,8 @@ def _fused_forward(original: Callable[..., object], family: Family) -> Callable[
         loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, targets.to(hidden.device),
                                           bias=self.lm_head.bias, softcap=softcap,
                                           num_items_in_batch=kwargs.get("num_items_in_batch"))
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        # The decoder's other outputs under their names in this transformers release (the cache, hidden states).
+        rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+        return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
 
     return forward
