@@ -487,6 +487,7 @@ def test_a_deep_copy_undoes_itself_not_the_original():
 def test_fused_forward_takes_arguments_as_transformers_does():
     """Positional arguments by the original's names (the 4th is ``cache`` in transformers 5.2x, ``past_key_values``
     before), and no deprecation warning the unpatched forward does not give."""
+    import inspect
     import warnings
 
     model = _peft(_llama())
@@ -503,5 +504,9 @@ def test_fused_forward_takes_arguments_as_transformers_does():
     assert out.logits is None and len(out.hidden_states) == 3
     torch.testing.assert_close(out.loss, want)
     assert {str(w.message) for w in after} <= {str(w.message) for w in before}
+    # The Trainer drops the dataset columns the forward's signature does not name.
+    from transformers import LlamaForCausalLM
+
+    assert inspect.signature(hf.forward) == inspect.signature(LlamaForCausalLM.forward.__get__(hf))
     with pytest.raises(TypeError, match="positional arguments"):
         hf(ids, *[None] * 20)

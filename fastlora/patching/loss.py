@@ -109,4 +109,6 @@ def _fused_forward(original: Callable[..., object], family: Family) -> Callable[
         rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
         return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
 
+    # The Trainer keeps only the dataset columns the forward's signature names (and generate checks its kwargs).
+    forward.__signature__ = inspect.signature(original)
     return forward
