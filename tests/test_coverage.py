@@ -12,8 +12,6 @@ import fastlora
 from fastlora.patching import coverage
 from fastlora.testing import nf4_decoder, peft_lora_model
 
-pytestmark = pytest.mark.cpu_kernels
-
 peft = pytest.importorskip("peft")
 
 VOCAB = 101
