@@ -1,0 +1,51 @@
+"""``python -m fastlora.benchmarks.static [--out DIR] [--json] [--device NAME ...] [--case SUBSTRING]``: the static
+report of every kernel case (see the package docstring), as a Markdown table, and CSV and Markdown files in DIR."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from .analyse import analyse_all
+
+_COLUMNS = ("case", "kernel", "device", "regs", "spills", "smem_kb", "warps", "occupancy", "limiter", "ctas", "waves",
+            "loads", "stores", "tensor_core", "loop_instr", "instr_per_weight", "bound", "est_us", "roofline_pct")
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in _COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastlora.benchmarks.static", description=__doc__)
+    parser.add_argument("--out", type=Path, help="write static.csv and static.md there")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON (what the tests read)")
+    parser.add_argument("--device", action="append", help="H100 SXM, H200, A100 80GB (default: H100 SXM, A100 80GB)")
+    parser.add_argument("--case", help="only the cases whose name contains this")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: the kernels would be defined for the interpreter; unset it")
+    rows = analyse_all(args.device or ["H100 SXM", "A100 80GB"], args.case)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        return 0
+    table = _markdown(rows)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "static.md").write_text(table + "\n")
+        with open(args.out / "static.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""One row per (case, kernel launch, device): what the compiler made and what the model estimates."""
+
+from __future__ import annotations
+
+from .cases import Case, all_cases
+from .compile import capture, compile_launch
+from .devices import DEVICES, Device
+from .estimate import estimate, occupancy
+from .sass import disassemble, resources
+
+
+def _widths(counter: dict[int, int]) -> str:
+    return " ".join(f"{bits}b:{n}" for bits, n in sorted(counter.items()))
+
+
+def analyse(case: Case, device: Device) -> list[dict]:
+    """The rows of one case on one device (one per kernel launch its launcher makes)."""
+    rows = []
+    for launch in capture(case.launcher):
+        compiled = compile_launch(launch, device.target)
+        capability = int(device.target.removeprefix("sm"))
+        res = resources(compiled.asm["ptx"], capability)
+        sass = disassemble(compiled.asm["cubin"])
+        warps, shared = compiled.metadata.num_warps, compiled.metadata.shared
+        occ = occupancy(device, res, warps, shared)
+        est = estimate(device, occ, sass, launch.grid, warps, case.trips, case.traffic, case.min_bytes, case.flops)
+        loop = sass.main_loop()
+        widths = sass.global_widths()
+        row = {
+            "case": case.name, "kind": case.kind, "kernel": launch.name, "device": device.name,
+            "target": device.target, "regs": res.registers, "spills": res.spill_stores + res.spill_loads,
+            "smem_kb": round(shared / 1024, 1), "warps": warps, "occupancy": round(occ.occupancy, 3),
+            "limiter": occ.limiter, "ctas": est.ctas, "waves": round(est.waves, 2),
+            "loads": _widths(widths["load"]), "stores": _widths(widths["store"]),
+            "load_widths": dict(widths["load"]), "store_widths": dict(widths["store"]),
+            "tensor_core": " ".join(f"{op}:{n}" for op, n in sass.tensor_core().items()),
+            "loop_instr": len(loop), "bound": est.bound, "est_us": round(est.t_estimate * 1e6, 1),
+            "roofline_pct": round(100 * est.roofline_share, 1),
+        }
+        if case.weights and loop and case.kind == "gemm":
+            # One trip of the K loop streams a BQ x BP tile of weights, its body run by every warp of the CTA.
+            values = launch.values()
+            row["instr_per_weight"] = round(len(loop) * warps / (values["BQ"] * values["BP"]), 3)
+        rows.append(row)
+    return rows
+
+
+def analyse_all(devices: list[str], only: str | None = None) -> list[dict]:
+    unknown = [d for d in devices if d not in DEVICES]
+    if unknown:
+        raise ValueError(f"unknown device {unknown}; known: {', '.join(DEVICES)}")
+    rows = []
+    for case in all_cases():
+        if only and only not in case.name:
+            continue
+        for name in devices:
+            rows += analyse(case, DEVICES[name])
+    return rows

@@ -1,0 +1,116 @@
+"""The shapes the static estimates are made at: a Llama-3.1-8B's (hidden 4096, MLP 14336, 32 q / 8 kv heads of 128,
+vocabulary 128256), bf16, with the work each launch does.
+
+``traffic`` is the bytes a kernel moves as written (the cross-entropy reads its logits twice), ``min_bytes`` the
+least any kernel doing the job must move (the roofline's), ``trips`` each loop's trip count per program,
+``weights`` the NF4 weights a launch streams (for instructions per weight).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+H, I, V, HQ, HK, D = 4096, 14336, 128256, 32, 8, 128
+BF16 = torch.bfloat16
+
+
+@dataclass
+class Case:
+    name: str
+    kind: str  # "gemm", "dequant", "elementwise", "reduction"
+    launcher: Callable[[], None]
+    traffic: float
+    min_bytes: float
+    flops: float = 0.0
+    trips: float = 1.0
+    weights: int = 0
+
+
+def _nf4_tensors(n: int, k: int) -> tuple[torch.Tensor, ...]:
+    # torch.empty: untouched pages cost no memory, and nothing is launched.
+    numel = n * k
+    return (torch.empty(numel // 2, dtype=torch.uint8), torch.empty(numel // 64, dtype=torch.uint8),
+            torch.empty(256), torch.empty(numel // 64 // 256 + 1), torch.empty(()))
+
+
+def _nf4_bytes(n: int, k: int) -> float:
+    return n * k / 2 + n * k / 64
+
+
+def dequant(n: int = H, k: int = I) -> Case:
+    from fastlora.kernels import nf4
+
+    data, absmax, code2, absmax2, offset = _nf4_tensors(n, k)
+    out = torch.empty(n * k, dtype=BF16)
+    moved = _nf4_bytes(n, k) + 2 * n * k
+    return Case(f"nf4_dequantize {n}x{k}", "dequant",
+                lambda: nf4.nf4_dequantize(data, absmax, code2, absmax2, offset, 64, n * k, out), moved, moved,
+                weights=n * k)
+
+
+def nf4_matmul(m: int, n: int, k: int, trans: bool = False) -> Case:
+    """``out = x W^T`` ([m, n]) for W [n, k], or with ``trans`` the backward's ``dX = dY W`` ([m, k])."""
+    from fastlora.kernels import nf4_matmul as kernel
+
+    data, absmax, code2, absmax2, offset = _nf4_tensors(n, k)
+    q, p = (n, k) if trans else (k, n)
+    x, out = torch.empty(m, q, dtype=BF16), torch.empty(m, p, dtype=BF16)
+    moved = _nf4_bytes(n, k) + 2 * m * (q + p)
+    what = f"dX {m}x{p} (W {n}x{k})" if trans else f"{m}x{p} (W {n}x{k})"
+    return Case(f"nf4_matmul {what}", "gemm",
+                lambda: kernel.nf4_matmul(x, data, absmax, code2, absmax2, offset, 64, n, k, out, trans_w=trans),
+                moved, moved, flops=2 * m * n * k, trips=q / 64, weights=n * k)
+
+
+def rope(backward: bool = False, b: int = 4, s: int = 4096) -> Case:
+    from fastlora.kernels import rope as kernel
+
+    q = torch.empty(b, s, HQ, D, dtype=BF16).transpose(1, 2)
+    k = torch.empty(b, s, HK, D, dtype=BF16).transpose(1, 2)
+    cos = sin = torch.empty(1, s, D, dtype=BF16)
+    moved = 2 * 2 * b * s * (HQ + HK) * D + 2 * 2 * s * D
+    # Each program rotates its token's q heads then its k heads, 16 heads a trip: 2 trips, then 1.
+    return Case(f"rope{' backward' if backward else ''} B{b} S{s}", "elementwise",
+                lambda: kernel.rope(q, k, cos, sin, q, k, head_dim=1, backward=backward), moved, moved, trips=1.5)
+
+
+def cross_entropy(n: int = 8192, v: int = V) -> Case:
+    from fastlora.kernels import cross_entropy as kernel
+
+    logits, labels = torch.empty(n, v, dtype=BF16), torch.empty(n, dtype=torch.int64)
+    loss, lse = torch.empty(n), torch.empty(n)
+    block = min(1 << (v - 1).bit_length(), 4096)
+    # Two passes over each row (the logsumexp, then the gradient written over the logits): two reads, one write.
+    return Case(f"cross_entropy N{n} V{v}", "reduction",
+                lambda: kernel.cross_entropy_fwd(logits, labels, torch.ones(()), logits, loss, lse, ignore_index=-100,
+                                                 label_smoothing=0.0, z_loss=0.0, softcap=None),
+                3 * 2 * n * v, 2 * 2 * n * v, trips=-(-v // block))
+
+
+def swiglu(backward: bool = False, n: int = 8192 * I) -> Case:
+    from fastlora.kernels import swiglu as kernel
+
+    g = torch.empty(n, dtype=BF16)
+    moved = (5 if backward else 3) * 2 * n  # read gate, up (and grad); write out (or dgate, dup)
+    launch = (lambda: kernel.swiglu_bwd(g, g, g)) if backward else (lambda: kernel.swiglu_fwd(g, g))
+    return Case(f"swiglu{' backward' if backward else ''} 8192x{I}", "elementwise", launch, moved, moved)
+
+
+def glu(backward: bool = False, rows: int = 8192) -> Case:
+    from fastlora.kernels import glu as kernel
+
+    gu, h = torch.empty(rows, 2 * I, dtype=BF16), torch.empty(rows, I, dtype=BF16)
+    moved = (5 if backward else 3) * 2 * rows * I
+    launch = (lambda: kernel.glu_bwd_(h, gu, "silu")) if backward else (lambda: kernel.glu_fwd(gu, h, "silu"))
+    return Case(f"glu silu{' backward' if backward else ''} 8192x{I}", "elementwise", launch, moved, moved)
+
+
+def all_cases() -> list[Case]:
+    gemms = []
+    for m in (1, 16, 64, 256):
+        gemms += [nf4_matmul(m, I, H), nf4_matmul(m, H, I), nf4_matmul(m, I, H, trans=True)]
+    return [dequant(), *gemms, rope(), rope(backward=True), cross_entropy(), swiglu(), swiglu(backward=True),
+            glu(), glu(backward=True)]
