@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-H, I, V, HQ, HK, D = 4096, 14336, 128256, 32, 8, 128
+H, INTER, V, HQ, HK, D = 4096, 14336, 128256, 32, 8, 128
 BF16 = torch.bfloat16
 
 
@@ -40,7 +40,7 @@ def _nf4_bytes(n: int, k: int) -> float:
     return n * k / 2 + n * k / 64
 
 
-def dequant(n: int = H, k: int = I) -> Case:
+def dequant(n: int = H, k: int = INTER) -> Case:
     from fastlora.kernels import nf4
 
     data, absmax, code2, absmax2, offset = _nf4_tensors(n, k)
@@ -90,27 +90,27 @@ def cross_entropy(n: int = 8192, v: int = V) -> Case:
                 3 * 2 * n * v, 2 * 2 * n * v, trips=-(-v // block))
 
 
-def swiglu(backward: bool = False, n: int = 8192 * I) -> Case:
+def swiglu(backward: bool = False, n: int = 8192 * INTER) -> Case:
     from fastlora.kernels import swiglu as kernel
 
     g = torch.empty(n, dtype=BF16)
     moved = (5 if backward else 3) * 2 * n  # read gate, up (and grad); write out (or dgate, dup)
     launch = (lambda: kernel.swiglu_bwd(g, g, g)) if backward else (lambda: kernel.swiglu_fwd(g, g))
-    return Case(f"swiglu{' backward' if backward else ''} 8192x{I}", "elementwise", launch, moved, moved)
+    return Case(f"swiglu{' backward' if backward else ''} 8192x{INTER}", "elementwise", launch, moved, moved)
 
 
 def glu(backward: bool = False, rows: int = 8192) -> Case:
     from fastlora.kernels import glu as kernel
 
-    gu, h = torch.empty(rows, 2 * I, dtype=BF16), torch.empty(rows, I, dtype=BF16)
-    moved = (5 if backward else 3) * 2 * rows * I
+    gu, h = torch.empty(rows, 2 * INTER, dtype=BF16), torch.empty(rows, INTER, dtype=BF16)
+    moved = (5 if backward else 3) * 2 * rows * INTER
     launch = (lambda: kernel.glu_bwd_(h, gu, "silu")) if backward else (lambda: kernel.glu_fwd(gu, h, "silu"))
-    return Case(f"glu silu{' backward' if backward else ''} 8192x{I}", "elementwise", launch, moved, moved)
+    return Case(f"glu silu{' backward' if backward else ''} 8192x{INTER}", "elementwise", launch, moved, moved)
 
 
 def all_cases() -> list[Case]:
     gemms = []
     for m in (1, 16, 64, 256):
-        gemms += [nf4_matmul(m, I, H), nf4_matmul(m, H, I), nf4_matmul(m, I, H, trans=True)]
+        gemms += [nf4_matmul(m, INTER, H), nf4_matmul(m, H, INTER), nf4_matmul(m, INTER, H, trans=True)]
     return [dequant(), *gemms, rope(), rope(backward=True), cross_entropy(), swiglu(), swiglu(backward=True),
             glu(), glu(backward=True)]
