@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -56,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", action="store_true",
                         help="search the longest sequence that trains before the GPU runs out of memory, for HF + "
                              "PEFT + bitsandbytes and for fastlora with and without offloaded checkpointing")
+    parser.add_argument("--static", action="store_true",
+                        help="no timing: compile every kernel for sm_90a and sm_80 at Llama-8B shapes and report what "
+                             "the compiler made and the time it predicts (needs no GPU; results in DIR/static)")
     parser.add_argument("--device", default=None,
                         help="torch device to run on, e.g. cpu or cuda:1 (default: the GPU if there is one)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -74,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         >>> run(parser.parse_args(["--op", "swiglu", "--quick", "--no-save"]))
         0
     """
+    if getattr(args, "static", False):
+        return _run_static(None if args.no_save else results.results_dir(args.results_dir) / "static")
     # A hand-built namespace may lack the newer options.
     checkpointing, max_ctx = bool(getattr(args, "checkpointing", False)), bool(getattr(args, "max_context", False))
     training = checkpointing or max_ctx
@@ -142,6 +150,15 @@ def _device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: the benchmarks run on cpu or cuda, not {device.type}")
     return fastlora.device_info(device).torch_device
+
+
+def _run_static(out: Path | None) -> int:
+    """The static report (fastlora.benchmarks.static) in a process of its own: the kernels must be defined for the
+    GPU compiler, which ``TRITON_INTERPRET=1`` in this one would prevent."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "fastlora.benchmarks.static", "--device", "H100 SXM", "--device", "H200",
+               "--device", "A100 80GB"]
+    return subprocess.run(command + (["--out", str(out)] if out else []), env=env, check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import argparse
 import csv
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +23,20 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _environment() -> dict[str, str]:
+    """What the report was made with: it is only true of this Triton and ptxas."""
+    import datetime
+
+    import triton
+
+    from ..results import fastlora_commit
+    from .sass import ptxas_for
+
+    version = subprocess.run([ptxas_for(90), "--version"], capture_output=True, text=True, check=False).stdout
+    return {"triton": triton.__version__, "ptxas": (version.strip().splitlines() or ["?"])[-1],
+            "fastlora": fastlora_commit() or "?", "date": datetime.date.today().isoformat()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlora.benchmarks.static", description=__doc__)
     parser.add_argument("--out", type=Path, help="write static.csv and static.md there")
@@ -35,13 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         return 0
-    table = _markdown(rows)
+    stamp = _environment()
+    for row in rows:
+        row.update(stamp)
+    table = f"Static report: {', '.join(f'{k} {v}' for k, v in stamp.items())}\n\n{_markdown(rows)}"
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "static.md").write_text(table + "\n")
         with open(args.out / "static.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=_COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=_COLUMNS + tuple(stamp), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
     return 0
