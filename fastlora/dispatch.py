@@ -98,7 +98,8 @@ _POLICIES: dict[str, OpPolicy] = {
     "swiglu": OpPolicy("swiglu", (Backend.TRITON, Backend.CPP, Backend.TORCH)),
     # dtype is the output's: the packed weight is uint8 whatever it dequantizes to.
     "nf4_dequantize": OpPolicy("nf4_dequantize", (Backend.TRITON, Backend.CUDA, Backend.CPP, Backend.TORCH)),
-    "nf4_matmul": OpPolicy("nf4_matmul", (Backend.TRITON, Backend.TORCH)),
+    "nf4_matmul": OpPolicy("nf4_matmul", (Backend.TRITON, Backend.TORCH),
+                           extra=((Backend.TRITON, lambda t: _tensor_core_dot(t)),)),
     "glu": OpPolicy("glu", (Backend.TRITON, Backend.TORCH)),
     "rope": OpPolicy("rope", (Backend.TRITON, Backend.TORCH)),
     "cross_entropy": OpPolicy("cross_entropy", (Backend.TRITON, Backend.TORCH)),
@@ -345,6 +346,15 @@ def _triton_ok(t: Target, auto: bool) -> str | None:
         return f"Triton is not used below compute capability 7.5 (this GPU is {info.arch})"
     if t.dtype == torch.bfloat16 and info.is_gpu and not info.bf16:
         return f"{info.arch} has no bf16 in Triton: use float16"
+    return None
+
+
+def _tensor_core_dot(t: Target) -> str | None:
+    """A Triton GEMM needs tensor cores from tl.dot: Triton 3.9 compiles it for sm_75 (Turing) as an FMA loop that
+    spills (fastlora.benchmarks.static), slower than dequantize + cuBLAS there."""
+    info = t.info
+    if info.vendor == "nvidia" and info.capability is not None and info.capability < (8, 0):
+        return f"Triton emits no tensor-core instructions for tl.dot on {info.arch}"
     return None
 
 
