@@ -57,22 +57,28 @@ def _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, o_r, m_r, c0,
 
 @triton.jit
 def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_e1, p_e2, p_bias, p_out,
-                          M, P, Q, K, R, stride_xm, stride_e1m, stride_e2p, stride_e2r, stride_om,
+                          p_part, M, P, Q, K, R, Q_SPLIT, stride_xm, stride_e1m, stride_e2p, stride_e2r, stride_om,
                           NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, TRANS_W: tl.constexpr,
                           HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-                          ROW_BLOCKS: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
-                          BR: tl.constexpr):
-    # out is [M, P], the reduction runs over Q: (P, Q) = (N, K) forward, (K, N) backward.
+                          ROW_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr,
+                          BQ: tl.constexpr, BR: tl.constexpr):
+    # out is [M, P], the reduction runs over Q: (P, Q) = (N, K) forward, (K, N) backward. With SPLIT, program
+    # (i_m, i_p, i_s) sums Q's slice [i_s * Q_SPLIT, (i_s + 1) * Q_SPLIT) into its fp32 partial p_part[i_s] (the
+    # launcher adds the partials up), and the epilogue is the first slice's.
     DT: tl.constexpr = p_out.dtype.element_ty
     # The dot's inputs: the output dtype on a GPU; fp32 holding the same values in the interpreter, whose
     # bf16 tensors are raw integers.
     DOT: tl.constexpr = tl.float32 if DOT_FP32 else DT
-    i_m, i_p = tl.program_id(0), tl.program_id(1)
+    i_m, i_p, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_m = i_m * BM + tl.arange(0, BM)  # [BM]
     o_p = i_p * BP + tl.arange(0, BP)  # [BP]
     m_m, m_p = o_m < M, o_p < P
     b_acc = tl.zeros((BM, BP), dtype=tl.float32)  # [BM, BP]
-    for q0 in range(0, Q, BQ):
+    if SPLIT:
+        q_start, q_end, first = i_s * Q_SPLIT, tl.minimum(i_s * Q_SPLIT + Q_SPLIT, Q), i_s == 0
+    else:  # the whole reduction, bounds the compiler knows (the split variant takes more registers)
+        q_start, q_end, first = 0, Q, True
+    for q0 in range(q_start, q_end, BQ):
         o_q = q0 + tl.arange(0, BQ)  # [BQ]
         m_q = o_q < Q
         b_x = tl.load(p_x + o_m[:, None].to(tl.int64) * stride_xm + o_q[None, :],
@@ -100,7 +106,7 @@ def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p
             b_scale = _absmax(p_absmax, p_code2, p_absmax2, p_offset, o_w // BLOCKSIZE, m_w, NESTED)  # [BP, BQ]
             b_w = (tl.load(p_nf4 + b_nib, mask=m_w, other=0.0) * b_scale).to(DT).to(DOT)  # [BP, BQ]
             b_acc += _dot(b_x.to(DT).to(DOT), tl.trans(b_w), DOT == tl.float32)
-    if HAS_LORA:
+    if HAS_LORA and first:
         for r0 in range(0, R, BR):
             o_r = r0 + tl.arange(0, BR)  # [BR]
             m_r = o_r < R
@@ -109,20 +115,46 @@ def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p
             b_e2 = tl.load(p_e2 + o_p[:, None].to(tl.int64) * stride_e2p + o_r[None, :] * stride_e2r,
                            mask=m_p[:, None] & m_r[None, :], other=0.0).to(tl.float32)  # [BP, BR]
             b_acc += _dot(b_e1.to(DT).to(DOT), tl.trans(b_e2.to(DT).to(DOT)), DOT == tl.float32)
-    if HAS_BIAS:
+    if HAS_BIAS and first:
         b_acc += tl.load(p_bias + o_p, mask=m_p, other=0.0).to(tl.float32)[None, :]
-    tl.store(p_out + o_m[:, None].to(tl.int64) * stride_om + o_p[None, :], b_acc.to(DT),
-             mask=m_m[:, None] & m_p[None, :])
+    if SPLIT:
+        o_part = i_s.to(tl.int64) * M * P + o_m[:, None].to(tl.int64) * P + o_p[None, :]  # [BM, BP]
+        tl.store(p_part + o_part, b_acc, mask=m_m[:, None] & m_p[None, :])
+    else:
+        tl.store(p_out + o_m[:, None].to(tl.int64) * stride_om + o_p[None, :], b_acc.to(DT),
+                 mask=m_m[:, None] & m_p[None, :])
+
+
+# CTAs an SM holds at once of the split variant (sm_90a, fastlora.benchmarks.static): 6 of the 16-row tile (78
+# registers), 3 of the 64-row one (132 registers).
+_CTAS_PER_SM = {16: 6, 64: 3}
+# The least reduction a slice keeps: 4 trips of the K loop, so that the 3-stage pipeline still fills.
+_MIN_SLICE = 4 * 64
+
+
+def split_q(ctas: int, q: int, bm: int, sms: int | None) -> int:
+    """The slice of the reduction each program sums (``q`` itself: no split): as many slices as keep the grid
+    within one wave of the CTAs the GPU holds at once (a 4096-wide output is 64 tiles of 64 at 16 rows: half of an
+    H100's SMs, and a twelfth of what they hold; a grid just past a whole wave would leave a second one nearly
+    idle), none shorter than ``_MIN_SLICE``."""
+    resident = (sms or 0) * _CTAS_PER_SM[bm]
+    if 2 * ctas > resident or q < 2 * _MIN_SLICE:
+        return q
+    slices = min(resident // ctas, q // _MIN_SLICE)
+    return q if slices <= 1 else triton.cdiv(triton.cdiv(q, slices), 64) * 64
 
 
 def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.Tensor | None,
                absmax2: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int, n: int, k: int,
                out: torch.Tensor, *, trans_w: bool = False, e1: torch.Tensor | None = None,
-               e2: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> None:
+               e2: torch.Tensor | None = None, bias: torch.Tensor | None = None, sms: int | None = None,
+               q_split: int | None = None) -> None:
     """``out = x @ W^T (+ e1 @ e2^T) (+ bias)``, or with ``trans_w`` ``out = x @ W (+ e1 @ e2^T)``, W ``[n, k]`` NF4.
 
     ``x`` ``[M, Q]`` and ``e1`` ``[M, R]`` have contiguous rows; ``e2`` is ``[P, R]`` with any strides (``A.t()``
-    in the backward); ``out`` ``[M, P]`` with contiguous rows, in the compute dtype.
+    in the backward); ``out`` ``[M, P]`` with contiguous rows, in the compute dtype. A grid too small for the GPU
+    (``sms``: its SM count, read from a CUDA device when None) splits the reduction into slices summed in fp32 in
+    a fixed order; ``q_split`` forces the slice (tests).
     """
     m, q = x.shape
     p = out.shape[1]
@@ -134,15 +166,24 @@ def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax
     rank = e1.shape[1] if has_lora else 0
     # Small M is the point: one row block of 16 (tl.dot's least) covers decoding, 64 for prompts.
     bm = 16 if m <= 16 else 64
-    grid = (triton.cdiv(m, bm), triton.cdiv(p, 64))
+    tiles = triton.cdiv(m, bm) * triton.cdiv(p, 64)
+    if sms is None and x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    q_split = q_split or split_q(tiles, q, bm, sms)
+    slices = triton.cdiv(q, q_split)
+    part = torch.empty((slices, m, p), dtype=torch.float32, device=x.device) if slices > 1 else out
+    grid = (triton.cdiv(m, bm), triton.cdiv(p, 64), slices)
     # Each row's 64-element tiles lie inside one absmax block: the byte-run path (the usual shapes; K odd, or
     # blocks that straddle rows or tiles, take the element-wise one).
     row_blocks = k % blocksize == 0 and blocksize % 64 == 0
     nf4_matmul_fwd_kernel[grid](
         x, data, absmax, code2, scale2, off, _nf4_table(x.device), e1 if has_lora else x, e2 if has_lora else x,
-        bias if bias is not None else x, out, m, p, q, k, rank, x.stride(0), e1.stride(0) if has_lora else 0,
-        e2.stride(0) if has_lora else 0, e2.stride(1) if has_lora else 0, out.stride(0),
-        NESTED=nested, BLOCKSIZE=blocksize, TRANS_W=trans_w, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        DOT_FP32=x.device.type == "cpu", ROW_BLOCKS=row_blocks, BM=bm, BP=64, BQ=64, BR=16,
-        enable_fp_fusion=False,
+        bias if bias is not None else x, out, part, m, p, q, k, rank, q_split, x.stride(0),
+        e1.stride(0) if has_lora else 0, e2.stride(0) if has_lora else 0, e2.stride(1) if has_lora else 0,
+        out.stride(0), NESTED=nested, BLOCKSIZE=blocksize, TRANS_W=trans_w, HAS_LORA=has_lora,
+        HAS_BIAS=bias is not None, DOT_FP32=x.device.type == "cpu", ROW_BLOCKS=row_blocks, SPLIT=slices > 1,
+        BM=bm, BP=64, BQ=64, BR=16, enable_fp_fusion=False,
     )
+    if slices > 1:
+        # The slices' fp32 sums added in slice order (deterministic, unlike atomics), rounded once.
+        out.copy_(part.sum(dim=0))

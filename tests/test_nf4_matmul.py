@@ -55,6 +55,33 @@ def test_triton_row_runs_of_whole_blocks(dtype, nested, trans, triton_device):
     _compare("triton", triton_device, dtype, m=17, n=33, k=256, blocksize=128, nested=nested, trans=trans)
 
 
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_split_reduction(dtype, trans, triton_device, monkeypatch):
+    """A narrow output's reduction split into slices of 64 (the last one short, and with the odd-layout path too):
+    the epilogue (LoRA, bias) counted once, the fp32 slices added before the one rounding."""
+    from fastlora.kernels import nf4_matmul as kernels
+
+    monkeypatch.setattr(kernels, "split_q", lambda ctas, q, bm, sms: 64)
+    _compare("triton", triton_device, dtype, m=5, n=70, k=256, trans=trans)  # 4 slices (or 2 transposed)
+    _compare("triton", triton_device, dtype, m=3, n=40, k=96, trans=trans)  # K not a whole tile: element-wise path
+
+
+def test_split_fills_the_gpu_with_whole_slices():
+    from fastlora.kernels.nf4_matmul import split_q
+
+    assert split_q(64, 4096, 16, None) == 4096  # no SM count (a CPU): no split
+    assert split_q(896, 4096, 16, 132) == 4096  # 224 x 4 tiles already fill 132 SMs x 6
+    for tiles, q, bm in ((64, 4096, 16), (224, 4096, 16), (64, 14336, 64)):  # narrow outputs of an 8B model
+        piece = split_q(tiles, q, bm, 132)
+        ctas = tiles * -(-q // piece)
+        resident = 132 * {16: 6, 64: 3}[bm]
+        # Within one wave, and one trip of the K loop less per slice would not be.
+        shorter = tiles * -(-q // (piece - 64))
+        assert piece % 64 == 0 and piece >= 256 and ctas <= resident < shorter, (tiles, q, piece)
+    assert split_q(16, 300, 16, 132) == 300  # too short to split
+
+
 @pytest.mark.parametrize("shape", [dict(m=1, n=33, k=50, rank=1, blocksize=128),  # K not a multiple of the block
                                    dict(m=17, n=64, k=64, rank=20, blocksize=32),  # two row tiles, two rank tiles
                                    dict(m=3, n=5, k=7, rank=2, trans=True)])  # odd element count

@@ -16,14 +16,17 @@ def _widths(counter: dict[int, int]) -> str:
 def analyse(case: Case, device: Device) -> list[dict]:
     """The rows of one case on one device (one per kernel launch its launcher makes)."""
     rows = []
-    for launch in capture(case.launcher):
+    for launch in capture(lambda: case.launcher(device.sms)):
         compiled = compile_launch(launch, device.target)
         capability = int(device.target.removeprefix("sm"))
         res = resources(compiled.asm["ptx"], capability)
         sass = disassemble(compiled.asm["cubin"])
         warps, shared = compiled.metadata.num_warps, compiled.metadata.shared
         occ = occupancy(device, res, warps, shared)
-        est = estimate(device, occ, sass, launch.grid, warps, case.trips, case.traffic, case.min_bytes, case.flops)
+        values = launch.values()
+        # A GEMM's K loop runs over its slice of the reduction (the whole of it unless the launcher split it).
+        trips = min(values["Q_SPLIT"], values["Q"]) / values["BQ"] if "Q_SPLIT" in values else case.trips
+        est = estimate(device, occ, sass, launch.grid, warps, trips, case.traffic, case.min_bytes, case.flops)
         loop = sass.main_loop()
         widths = sass.global_widths()
         row = {
@@ -39,7 +42,6 @@ def analyse(case: Case, device: Device) -> list[dict]:
         }
         if case.weights and loop and case.kind == "gemm":
             # One trip of the K loop streams a BQ x BP tile of weights, its body run by every warp of the CTA.
-            values = launch.values()
             row["instr_per_weight"] = round(len(loop) * warps / (values["BQ"] * values["BP"]), 3)
         rows.append(row)
     return rows
