@@ -10,25 +10,28 @@ import triton.language as tl
 
 from ._utils import NF4_CODE
 
-# Output elements per program: 512 packed bytes, 4 to a thread in one load; 8 outputs to a thread in one store.
-_BLOCK = 1024
+# Output elements per program: 2048 packed bytes, 16 to a thread in one 128-bit load; 32 outputs to a thread in
+# 128-bit stores (fastlora.benchmarks.static reads the widths; 4 bytes a thread gave 32-bit loads).
+_BLOCK = 4096
+_ROW_BYTES = 16
 
 
 @triton.jit
-def nf4_dequantize_fwd_kernel(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_out, numel, n_bytes,
-                              NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
-    ROWS: tl.constexpr = BLOCK // 8
+def nf4_dequantize_fwd_kernel(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_pairs, p_out, numel, n_bytes,
+                              NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr,
+                              ROW_BYTES: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK // (2 * ROW_BYTES)
     i_b = tl.program_id(0).to(tl.int64)  # int64: an 8B model's largest layer alone has 2**29 bytes
-    # Four packed bytes (8 elements) a row: every blocksize bitsandbytes allows (>= 32) keeps a row inside one
+    # 16 packed bytes (32 elements) a row: every blocksize bitsandbytes allows (>= 32) keeps a row inside one
     # absmax block, so the scale is decoded once a row rather than once a byte.
     o_row = i_b * ROWS + tl.arange(0, ROWS)  # [ROWS]
-    o_byte = o_row[:, None] * 4 + tl.arange(0, 4)[None, :]  # [ROWS, 4]
+    o_byte = o_row[:, None] * ROW_BYTES + tl.arange(0, ROW_BYTES)[None, :]  # [ROWS, ROW_BYTES]
     # n_bytes comes from the host rather than (numel + 1) // 2: as an argument it is specialised as divisible by
-    # 16 when it is, so that the mask does not stop a row's bytes being loaded in one 32-bit load.
+    # 16 when it is, so that the mask does not stop a row's bytes being loaded in one 128-bit load.
     m_byte = o_byte < n_bytes
-    m_row = o_row * 4 < n_bytes  # [ROWS]
-    b_byte = tl.load(p_data + o_byte, mask=m_byte, other=0).to(tl.int32)  # [ROWS, 4]
-    o_blk = o_row // (BLOCKSIZE // 8)  # [ROWS]
+    m_row = o_row * ROW_BYTES < n_bytes  # [ROWS]
+    b_byte = tl.load(p_data + o_byte, mask=m_byte, other=0).to(tl.int32)  # [ROWS, ROW_BYTES]
+    o_blk = o_row // (BLOCKSIZE // (2 * ROW_BYTES))  # [ROWS]
     if NESTED:
         b_q = tl.load(p_absmax + o_blk, mask=m_row, other=0).to(tl.int32)
         b_code = tl.load(p_code2 + b_q, mask=m_row, other=0.0)
@@ -37,8 +40,9 @@ def nf4_dequantize_fwd_kernel(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_
         b_scale = b_code * b_scale2 + tl.load(p_offset)  # [ROWS]
     else:
         b_scale = tl.load(p_absmax + o_blk, mask=m_row, other=0.0)  # [ROWS]
-    b_hi = tl.load(p_nf4 + (b_byte >> 4)) * b_scale[:, None]  # [ROWS, 4] even elements
-    b_lo = tl.load(p_nf4 + (b_byte & 0xF)) * b_scale[:, None]  # [ROWS, 4] odd elements
+    b_pair = tl.load(p_pairs + b_byte)  # [ROWS, ROW_BYTES] int64: both codes of each byte in one lookup
+    b_hi = (b_pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * b_scale[:, None]  # even elements
+    b_lo = (b_pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * b_scale[:, None]  # odd elements
     b_out = tl.reshape(tl.join(b_hi, b_lo), (BLOCK,))  # [BLOCK] interleaved back into element order
     o_out = i_b * BLOCK + tl.arange(0, BLOCK)
     tl.store(p_out + o_out, b_out.to(p_out.dtype.element_ty), mask=o_out < numel)
@@ -46,7 +50,17 @@ def nf4_dequantize_fwd_kernel(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_
 
 @functools.cache
 def _nf4_table(device: torch.device) -> torch.Tensor:
+    """The 16 NF4 codes, fp32 (made once per device)."""
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _nf4_pairs(device: torch.device) -> torch.Tensor:
+    """The codes of each byte's two nibbles as one int64 (256 entries), so that one lookup decodes two elements:
+    entry b holds the fp32 bits of the high nibble's code (the even element) in its low word."""
+    bits = torch.tensor(NF4_CODE, dtype=torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256)
+    return (bits[b >> 4] | (bits[b & 0xF] << 32)).to(device)
 
 
 def nf4_dequantize(data: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.Tensor | None,
@@ -59,6 +73,6 @@ def nf4_dequantize(data: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.
     # Unused pointers of the plain layout point at absmax; NESTED prunes their loads at compile time.
     code2, scale2, off = (absmax_code, absmax2, offset) if nested else (absmax, absmax, absmax)
     nf4_dequantize_fwd_kernel[(triton.cdiv(numel, _BLOCK),)](
-        data, absmax, code2, scale2, off, _nf4_table(data.device), out, numel, (numel + 1) // 2,
-        NESTED=nested, BLOCKSIZE=blocksize, BLOCK=_BLOCK, enable_fp_fusion=False,
+        data, absmax, code2, scale2, off, _nf4_pairs(data.device), out, numel, (numel + 1) // 2,
+        NESTED=nested, BLOCKSIZE=blocksize, BLOCK=_BLOCK, ROW_BYTES=_ROW_BYTES, enable_fp_fusion=False,
     )

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .nf4 import _nf4_table
+from .nf4 import _nf4_pairs, _nf4_table
 
 
 @triton.jit
@@ -41,23 +41,27 @@ def _absmax(p_absmax, p_code2, p_absmax2, p_offset, o_blk, m, NESTED: tl.constex
 
 
 @triton.jit
-def _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, o_r, m_r, c0, K,
+def _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_pairs, o_r, m_r, c0, K,
             NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """``W[o_r, c0 : c0 + COLS]`` decoded, ``[ROWS, COLS]`` fp32, for tiles inside one absmax block per row (the
     launcher's ROW_BLOCKS): each row's packed bytes are one contiguous run, loaded as such, and its scale is
-    decoded once."""
+    decoded once. Each byte's two codes come from one 64-bit lookup in the 256-entry pair table: the lookups are
+    most of the K loop's instructions (403 a tile and warp with a lookup per element, 266 with one per byte, sm_90a,
+    fastlora.benchmarks.static)."""
     o_byte = o_r[:, None].to(tl.int64) * (K // 2) + (c0 // 2 + tl.arange(0, COLS // 2))[None, :]  # [ROWS, COLS/2]
     b_byte = tl.load(p_data + o_byte, mask=m_r[:, None], other=0).to(tl.int32)
     o_blk = (o_r.to(tl.int64) * K + c0) // BLOCKSIZE  # [ROWS]
     b_scale = _absmax(p_absmax, p_code2, p_absmax2, p_offset, o_blk, m_r, NESTED)  # [ROWS]
-    b_hi = tl.load(p_nf4 + (b_byte >> 4)) * b_scale[:, None]  # [ROWS, COLS/2] even columns
-    b_lo = tl.load(p_nf4 + (b_byte & 0xF)) * b_scale[:, None]  # [ROWS, COLS/2] odd columns
+    b_pair = tl.load(p_pairs + b_byte)  # [ROWS, COLS/2] int64
+    b_hi = (b_pair & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True) * b_scale[:, None]  # even columns
+    b_lo = (b_pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * b_scale[:, None]  # odd columns
     return tl.reshape(tl.join(b_hi, b_lo), (ROWS, COLS))
 
 
 @triton.jit
-def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_e1, p_e2, p_bias, p_out,
-                          p_part, M, P, Q, K, R, Q_SPLIT, stride_xm, stride_e1m, stride_e2p, stride_e2r, stride_om,
+def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_pairs, p_e1, p_e2, p_bias,
+                          p_out, p_part, M, P, Q, K, R, Q_SPLIT, stride_xm, stride_e1m, stride_e2p, stride_e2r,
+                          stride_om,
                           NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, TRANS_W: tl.constexpr,
                           HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
                           ROW_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr,
@@ -86,11 +90,11 @@ def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p
         if ROW_BLOCKS:
             # Rounded to the output dtype as dequantize_4bit's result is, then multiplied in that dtype.
             if TRANS_W:  # W[q rows, p columns] is already the [BQ, BP] operand
-                b_w = _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, o_q, m_q, i_p * BP, K,
+                b_w = _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_pairs, o_q, m_q, i_p * BP, K,
                               NESTED, BLOCKSIZE, BQ, BP).to(DT).to(DOT)  # [BQ, BP]
                 b_acc += _dot(b_x.to(DT).to(DOT), b_w, DOT == tl.float32)
             else:
-                b_w = _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, o_p, m_p, q0, K,
+                b_w = _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_pairs, o_p, m_p, q0, K,
                               NESTED, BLOCKSIZE, BP, BQ).to(DT).to(DOT)  # [BP, BQ]
                 b_acc += _dot(b_x.to(DT).to(DOT), tl.trans(b_w), DOT == tl.float32)
         else:
@@ -125,19 +129,18 @@ def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p
                  mask=m_m[:, None] & m_p[None, :])
 
 
-# CTAs an SM holds at once of the split variant (sm_90a, fastlora.benchmarks.static): 6 of the 16-row tile (78
-# registers), 3 of the 64-row one (132 registers).
-_CTAS_PER_SM = {16: 6, 64: 3}
+# CTAs an SM holds at once of the split variant, by (row tile, transposed W) (sm_90a, fastlora.benchmarks.static):
+# 68 and 80 registers at 16 rows, 119 and 96 at 64.
+_CTAS_PER_SM = {(16, False): 7, (16, True): 6, (64, False): 4, (64, True): 5}
 # The least reduction a slice keeps: 4 trips of the K loop, so that the 3-stage pipeline still fills.
 _MIN_SLICE = 4 * 64
 
 
-def split_q(ctas: int, q: int, bm: int, sms: int | None) -> int:
+def split_q(ctas: int, q: int, resident: int) -> int:
     """The slice of the reduction each program sums (``q`` itself: no split): as many slices as keep the grid
     within one wave of the CTAs the GPU holds at once (a 4096-wide output is 64 tiles of 64 at 16 rows: half of an
     H100's SMs, and a twelfth of what they hold; a grid just past a whole wave would leave a second one nearly
-    idle), none shorter than ``_MIN_SLICE``."""
-    resident = (sms or 0) * _CTAS_PER_SM[bm]
+    idle), none shorter than ``_MIN_SLICE``. ``resident``: the CTAs the GPU holds at once (0: unknown, no split)."""
     if 2 * ctas > resident or q < 2 * _MIN_SLICE:
         return q
     slices = min(resident // ctas, q // _MIN_SLICE)
@@ -169,7 +172,7 @@ def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax
     tiles = triton.cdiv(m, bm) * triton.cdiv(p, 64)
     if sms is None and x.is_cuda:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    q_split = q_split or split_q(tiles, q, bm, sms)
+    q_split = q_split or split_q(tiles, q, (sms or 0) * _CTAS_PER_SM[bm, trans_w])
     slices = triton.cdiv(q, q_split)
     part = torch.empty((slices, m, p), dtype=torch.float32, device=x.device) if slices > 1 else out
     grid = (triton.cdiv(m, bm), triton.cdiv(p, 64), slices)
@@ -177,8 +180,8 @@ def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax
     # blocks that straddle rows or tiles, take the element-wise one).
     row_blocks = k % blocksize == 0 and blocksize % 64 == 0
     nf4_matmul_fwd_kernel[grid](
-        x, data, absmax, code2, scale2, off, _nf4_table(x.device), e1 if has_lora else x, e2 if has_lora else x,
-        bias if bias is not None else x, out, part, m, p, q, k, rank, q_split, x.stride(0),
+        x, data, absmax, code2, scale2, off, _nf4_table(x.device), _nf4_pairs(x.device), e1 if has_lora else x,
+        e2 if has_lora else x, bias if bias is not None else x, out, part, m, p, q, k, rank, q_split, x.stride(0),
         e1.stride(0) if has_lora else 0, e2.stride(0) if has_lora else 0, e2.stride(1) if has_lora else 0,
         out.stride(0), NESTED=nested, BLOCKSIZE=blocksize, TRANS_W=trans_w, HAS_LORA=has_lora,
         HAS_BIAS=bias is not None, DOT_FP32=x.device.type == "cpu", ROW_BLOCKS=row_blocks, SPLIT=slices > 1,

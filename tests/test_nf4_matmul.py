@@ -62,7 +62,7 @@ def test_triton_split_reduction(dtype, trans, triton_device, monkeypatch):
     the epilogue (LoRA, bias) counted once, the fp32 slices added before the one rounding."""
     from fastlora.kernels import nf4_matmul as kernels
 
-    monkeypatch.setattr(kernels, "split_q", lambda ctas, q, bm, sms: 64)
+    monkeypatch.setattr(kernels, "split_q", lambda ctas, q, resident: 64)
     _compare("triton", triton_device, dtype, m=5, n=70, k=256, trans=trans)  # 4 slices (or 2 transposed)
     _compare("triton", triton_device, dtype, m=3, n=40, k=96, trans=trans)  # K not a whole tile: element-wise path
 
@@ -70,16 +70,14 @@ def test_triton_split_reduction(dtype, trans, triton_device, monkeypatch):
 def test_split_fills_the_gpu_with_whole_slices():
     from fastlora.kernels.nf4_matmul import split_q
 
-    assert split_q(64, 4096, 16, None) == 4096  # no SM count (a CPU): no split
-    assert split_q(896, 4096, 16, 132) == 4096  # 224 x 4 tiles already fill 132 SMs x 6
-    for tiles, q, bm in ((64, 4096, 16), (224, 4096, 16), (64, 14336, 64)):  # narrow outputs of an 8B model
-        piece = split_q(tiles, q, bm, 132)
+    assert split_q(64, 4096, 0) == 4096  # no SM count (a CPU): no split
+    assert split_q(896, 4096, 132 * 7) == 4096  # 224 x 4 tiles already fill 132 SMs x 7
+    for tiles, q, resident in ((64, 4096, 132 * 7), (224, 4096, 132 * 7), (64, 14336, 132 * 4)):  # 8B shapes
+        piece = split_q(tiles, q, resident)
         ctas = tiles * -(-q // piece)
-        resident = 132 * {16: 6, 64: 3}[bm]
-        # Within one wave, and one trip of the K loop less per slice would not be.
-        shorter = tiles * -(-q // (piece - 64))
+        shorter = tiles * -(-q // (piece - 64))  # one trip of the K loop less per slice
         assert piece % 64 == 0 and piece >= 256 and ctas <= resident < shorter, (tiles, q, piece)
-    assert split_q(16, 300, 16, 132) == 300  # too short to split
+    assert split_q(16, 300, 132 * 7) == 300  # too short to split
 
 
 @pytest.mark.parametrize("shape", [dict(m=1, n=33, k=50, rank=1, blocksize=128),  # K not a multiple of the block
