@@ -129,9 +129,11 @@ def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p
                  mask=m_m[:, None] & m_p[None, :])
 
 
-# CTAs an SM holds at once of the split variant, by (row tile, transposed W) (sm_90a, fastlora.benchmarks.static):
-# 68 and 80 registers at 16 rows, 119 and 96 at 64.
-_CTAS_PER_SM = {(16, False): 7, (16, True): 6, (64, False): 4, (64, True): 5}
+# CTAs an SM holds at once of the split variant, by compute capability major and (row tile, transposed W), as
+# fastlora.benchmarks.static reads them (sm_90a: 68 and 80 registers at 16 rows, 119 and 96 at 64; sm_80 more).
+# Other GPUs take sm_80's, the fewer.
+_CTAS_PER_SM = {9: {(16, False): 7, (16, True): 6, (64, False): 4, (64, True): 5},
+                8: {(16, False): 7, (16, True): 5, (64, False): 3, (64, True): 3}}
 # The least reduction a slice keeps: 4 trips of the K loop, so that the 3-stage pipeline still fills.
 _MIN_SLICE = 4 * 64
 
@@ -150,14 +152,14 @@ def split_q(ctas: int, q: int, resident: int) -> int:
 def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.Tensor | None,
                absmax2: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int, n: int, k: int,
                out: torch.Tensor, *, trans_w: bool = False, e1: torch.Tensor | None = None,
-               e2: torch.Tensor | None = None, bias: torch.Tensor | None = None, sms: int | None = None,
-               q_split: int | None = None) -> None:
+               e2: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               gpu: tuple[int, int] | None = None, q_split: int | None = None) -> None:
     """``out = x @ W^T (+ e1 @ e2^T) (+ bias)``, or with ``trans_w`` ``out = x @ W (+ e1 @ e2^T)``, W ``[n, k]`` NF4.
 
     ``x`` ``[M, Q]`` and ``e1`` ``[M, R]`` have contiguous rows; ``e2`` is ``[P, R]`` with any strides (``A.t()``
     in the backward); ``out`` ``[M, P]`` with contiguous rows, in the compute dtype. A grid too small for the GPU
-    (``sms``: its SM count, read from a CUDA device when None) splits the reduction into slices summed in fp32 in
-    a fixed order; ``q_split`` forces the slice (tests).
+    (``gpu``: its SM count and compute capability major, read from a CUDA device when None) splits the reduction
+    into slices summed in fp32 in a fixed order; ``q_split`` forces the slice (tests).
     """
     m, q = x.shape
     p = out.shape[1]
@@ -170,9 +172,11 @@ def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax
     # Small M is the point: one row block of 16 (tl.dot's least) covers decoding, 64 for prompts.
     bm = 16 if m <= 16 else 64
     tiles = triton.cdiv(m, bm) * triton.cdiv(p, 64)
-    if sms is None and x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    q_split = q_split or split_q(tiles, q, (sms or 0) * _CTAS_PER_SM[bm, trans_w])
+    if gpu is None and x.is_cuda:
+        props = torch.cuda.get_device_properties(x.device)
+        gpu = (props.multi_processor_count, props.major)
+    resident = gpu[0] * _CTAS_PER_SM.get(gpu[1], _CTAS_PER_SM[8])[bm, trans_w] if gpu else 0
+    q_split = q_split or split_q(tiles, q, resident)
     slices = triton.cdiv(q, q_split)
     part = torch.empty((slices, m, p), dtype=torch.float32, device=x.device) if slices > 1 else out
     grid = (triton.cdiv(m, bm), triton.cdiv(p, 64), slices)

@@ -14,7 +14,8 @@ from pathlib import Path
 from .analyse import analyse_all
 
 _COLUMNS = ("case", "kernel", "device", "regs", "spills", "smem_kb", "warps", "occupancy", "limiter", "ctas", "waves",
-            "loads", "stores", "tensor_core", "loop_instr", "instr_per_weight", "bound", "est_us", "roofline_pct")
+            "loads", "stores", "tensor_core", "loop_instr", "instr_per_weight", "bound", "est_us", "roofline_pct",
+            "vs_dequant_cublas")
 
 
 def _markdown(rows: list[dict]) -> str:

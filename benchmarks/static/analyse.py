@@ -16,7 +16,7 @@ def _widths(counter: dict[int, int]) -> str:
 def analyse(case: Case, device: Device) -> list[dict]:
     """The rows of one case on one device (one per kernel launch its launcher makes)."""
     rows = []
-    for launch in capture(lambda: case.launcher(device.sms)):
+    for launch in capture(lambda: case.launcher((device.sms, int(device.target.removeprefix("sm")) // 10))):
         compiled = compile_launch(launch, device.target)
         capability = int(device.target.removeprefix("sm"))
         res = resources(compiled.asm["ptx"], capability)
@@ -40,6 +40,8 @@ def analyse(case: Case, device: Device) -> list[dict]:
             "loop_instr": len(loop), "bound": est.bound, "est_us": round(est.t_estimate * 1e6, 1),
             "roofline_pct": round(100 * est.roofline_share, 1),
         }
+        if case.mnk:
+            row["mnk"] = case.mnk
         if case.weights and loop and case.kind == "gemm":
             # One trip of the K loop streams a BQ x BP tile of weights, its body run by every warp of the CTA.
             row["instr_per_weight"] = round(len(loop) * warps / (values["BQ"] * values["BP"]), 3)
@@ -47,14 +49,35 @@ def analyse(case: Case, device: Device) -> list[dict]:
     return rows
 
 
+# What cuBLAS reaches of a device's limits, assumed for the alternative to the fused NF4 GEMM: 80% of the dense
+# bf16 peak (an H100 measures ~800 of 989 TFLOP/s on an 8192^3 product, TARGETS.md) and 90% of HBM bandwidth.
+CUBLAS_COMPUTE, CUBLAS_MEMORY = 0.8, 0.9
+
+
+def dequantize_then_cublas_us(device: Device, dequant_us: float, m: int, n: int, k: int) -> float:
+    """The other way to compute an NF4 GEMM, by the same model: the dequantize kernel's estimate, then a cuBLAS
+    GEMM reading the dense bf16 weight (``[m, k] x [k, n]``, either orientation)."""
+    gemm = max(2 * (n * k + m * (n + k)) / (CUBLAS_MEMORY * device.hbm_bytes_s),
+               2 * m * n * k / (CUBLAS_COMPUTE * device.tensor_flops))
+    return dequant_us + gemm * 1e6
+
+
 def analyse_all(devices: list[str], only: str | None = None) -> list[dict]:
     unknown = [d for d in devices if d not in DEVICES]
     if unknown:
         raise ValueError(f"unknown device {unknown}; known: {', '.join(DEVICES)}")
+    cases = all_cases()
+    chosen = [c for c in cases if not only or only in c.name]
+    if any(c.kind == "gemm" for c in chosen):  # the comparison needs the dequantize's estimate
+        chosen += [c for c in cases if c.kind == "dequant" and c not in chosen]
     rows = []
-    for case in all_cases():
-        if only and only not in case.name:
-            continue
+    for case in chosen:
         for name in devices:
             rows += analyse(case, DEVICES[name])
+    for row in rows:
+        if row["kind"] == "gemm":
+            dequant = next(r for r in rows if r["kind"] == "dequant" and r["device"] == row["device"])
+            m, n, k = row["mnk"]
+            alt = dequantize_then_cublas_us(DEVICES[row["device"]], dequant["est_us"], m, n, k)
+            row["vs_dequant_cublas"] = round(alt / row["est_us"], 2)
     return rows

@@ -21,12 +21,13 @@ BF16 = torch.bfloat16
 class Case:
     name: str
     kind: str  # "gemm", "dequant", "elementwise", "reduction"
-    launcher: Callable[[int], None]  # called with the device's SM count (grids that adapt to it read it)
+    launcher: Callable[[tuple[int, int]], None]  # called with the device's (SMs, capability major): grids adapt
     traffic: float
     min_bytes: float
     flops: float = 0.0
     trips: float = 1.0
     weights: int = 0
+    mnk: tuple[int, int, int] | None = None  # a GEMM's rows, W's rows and columns
 
 
 def _nf4_tensors(n: int, k: int) -> tuple[torch.Tensor, ...]:
@@ -47,7 +48,7 @@ def dequant(n: int = H, k: int = INTER) -> Case:
     out = torch.empty(n * k, dtype=BF16)
     moved = _nf4_bytes(n, k) + 2 * n * k
     return Case(f"nf4_dequantize {n}x{k}", "dequant",
-                lambda sms: nf4.nf4_dequantize(data, absmax, code2, absmax2, offset, 64, n * k, out), moved, moved,
+                lambda gpu: nf4.nf4_dequantize(data, absmax, code2, absmax2, offset, 64, n * k, out), moved, moved,
                 weights=n * k)
 
 
@@ -61,9 +62,9 @@ def nf4_matmul(m: int, n: int, k: int, trans: bool = False) -> Case:
     moved = _nf4_bytes(n, k) + 2 * m * (q + p)
     what = f"dX {m}x{p} (W {n}x{k})" if trans else f"{m}x{p} (W {n}x{k})"
     return Case(f"nf4_matmul {what}", "gemm",
-                lambda sms: kernel.nf4_matmul(x, data, absmax, code2, absmax2, offset, 64, n, k, out, trans_w=trans,
-                                              sms=sms),
-                moved, moved, flops=2 * m * n * k, trips=q / 64, weights=n * k)
+                lambda gpu: kernel.nf4_matmul(x, data, absmax, code2, absmax2, offset, 64, n, k, out, trans_w=trans,
+                                              gpu=gpu),
+                moved, moved, flops=2 * m * n * k, trips=q / 64, weights=n * k, mnk=(m, n, k))
 
 
 def rope(backward: bool = False, b: int = 4, s: int = 4096) -> Case:
@@ -75,7 +76,7 @@ def rope(backward: bool = False, b: int = 4, s: int = 4096) -> Case:
     moved = 2 * 2 * b * s * (HQ + HK) * D + 2 * 2 * s * D
     # Each program rotates its token's q heads then its k heads, 16 heads a trip: 2 trips, then 1.
     return Case(f"rope{' backward' if backward else ''} B{b} S{s}", "elementwise",
-                lambda sms: kernel.rope(q, k, cos, sin, q, k, head_dim=1, backward=backward), moved, moved, trips=1.5)
+                lambda gpu: kernel.rope(q, k, cos, sin, q, k, head_dim=1, backward=backward), moved, moved, trips=1.5)
 
 
 def cross_entropy(n: int = 8192, v: int = V) -> Case:
@@ -86,7 +87,7 @@ def cross_entropy(n: int = 8192, v: int = V) -> Case:
     block = min(1 << (v - 1).bit_length(), 4096)
     # Two passes over each row (the logsumexp, then the gradient written over the logits): two reads, one write.
     return Case(f"cross_entropy N{n} V{v}", "reduction",
-                lambda sms: kernel.cross_entropy_fwd(logits, labels, torch.ones(()), logits, loss, lse,
+                lambda gpu: kernel.cross_entropy_fwd(logits, labels, torch.ones(()), logits, loss, lse,
                                                      ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None),
                 3 * 2 * n * v, 2 * 2 * n * v, trips=-(-v // block))
 
@@ -96,7 +97,7 @@ def swiglu(backward: bool = False, n: int = 8192 * INTER) -> Case:
 
     g = torch.empty(n, dtype=BF16)
     moved = (5 if backward else 3) * 2 * n  # read gate, up (and grad); write out (or dgate, dup)
-    launch = (lambda sms: kernel.swiglu_bwd(g, g, g)) if backward else (lambda sms: kernel.swiglu_fwd(g, g))
+    launch = (lambda gpu: kernel.swiglu_bwd(g, g, g)) if backward else (lambda gpu: kernel.swiglu_fwd(g, g))
     return Case(f"swiglu{' backward' if backward else ''} 8192x{INTER}", "elementwise", launch, moved, moved)
 
 
@@ -105,8 +106,8 @@ def glu(backward: bool = False, rows: int = 8192) -> Case:
 
     gu, h = torch.empty(rows, 2 * INTER, dtype=BF16), torch.empty(rows, INTER, dtype=BF16)
     moved = (5 if backward else 3) * 2 * rows * INTER
-    launch = (lambda sms: kernel.glu_bwd_(h, gu, "silu")) if backward else \
-        (lambda sms: kernel.glu_fwd(gu, h, "silu"))
+    launch = (lambda gpu: kernel.glu_bwd_(h, gu, "silu")) if backward else \
+        (lambda gpu: kernel.glu_fwd(gu, h, "silu"))
     return Case(f"glu silu{' backward' if backward else ''} 8192x{INTER}", "elementwise", launch, moved, moved)
 
 
