@@ -3,11 +3,12 @@
 #   benchmarks/gpu_checks.sh DIR tests      # install, fastlora env, the GPU tests (pytest -m gpu)
 #   benchmarks/gpu_checks.sh DIR kernels [SUITES]  # fastlora bench of the kernel suites (all, or a comma list)
 #   benchmarks/gpu_checks.sh DIR training   # fastlora bench --checkpointing, then --max-context
+#   benchmarks/gpu_checks.sh DIR static     # every kernel timed beside the static model's estimate (~1 min)
 # Wheels of missing packages (bitsandbytes, liger-kernel) found in .whl/ are installed first, without network.
 set -uo pipefail
-dir=${1:?usage: benchmarks/gpu_checks.sh DIR tests|kernels|training}
-stage=${2:?usage: benchmarks/gpu_checks.sh DIR tests|kernels|training}
-case "$stage" in tests|kernels|training) ;; *) echo "gpu_checks.sh: stage must be tests, kernels or training, not $stage" >&2; exit 2 ;; esac
+dir=${1:?usage: benchmarks/gpu_checks.sh DIR tests|kernels|training|static}
+stage=${2:?usage: benchmarks/gpu_checks.sh DIR tests|kernels|training|static}
+case "$stage" in tests|kernels|training|static) ;; *) echo "gpu_checks.sh: stage must be tests, kernels, training or static, not $stage" >&2; exit 2 ;; esac
 mkdir -p "$dir"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -25,6 +26,9 @@ case "$stage" in
     ;;
   kernels)
     fastlora bench ${3:+--op "$3"} --results-dir "$dir" 2>&1 | tee "$dir/bench-kernels.log"
+    ;;
+  static)
+    env -u TRITON_INTERPRET python3 -m fastlora.benchmarks.static.timed --out "$dir" 2>&1 | tee "$dir/static-timed.log"
     ;;
   training)
     fastlora bench --checkpointing --results-dir "$dir" 2>&1 | tee "$dir/bench-checkpointing.log"

@@ -130,3 +130,18 @@ def test_nf4_matmul_is_ahead_of_dequantize_then_cublas_up_to_its_dispatch_thresh
 def test_nf4_matmul_streams_at_70_percent_of_hbm_at_small_m(rows):
     assert not _where([r for r in rows if r["kind"] == "gemm" and r["mnk"][0] <= 16],
                       lambda r: r["roofline_pct"] >= 70, device="H100 SXM")
+
+
+def test_the_timed_comparison_knows_the_gpus_and_needs_one():
+    from fastlora.benchmarks.static.timed import device_model, main
+
+    assert device_model("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+    assert device_model("NVIDIA H200").name == "H200"
+    assert device_model("NVIDIA A100-SXM4-80GB").name == "A100 80GB"
+    with pytest.raises(ValueError, match="no static model"):
+        device_model("Tesla V100-SXM2-32GB")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["--out", "unused"])
