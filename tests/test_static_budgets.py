@@ -145,3 +145,14 @@ def test_the_timed_comparison_knows_the_gpus_and_needs_one():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             main(["--out", "unused"])
+
+
+def test_a_fused_linear_cross_entropy_chunk_is_at_most_one_wave(rows):
+    """The FLCE's chunk of an 8B model's logits (256 MiB of bf16 rows of 128256) runs as one wave of the CE kernel,
+    not 1.29 of them as with 4 warps a row."""
+    from fastlora.ops.linear_cross_entropy import DEFAULT_CHUNK_BYTES, chunk_rows
+
+    ce = next(r for r in rows if r["kind"] == "reduction" and r["device"] == "H100 SXM")
+    resident = 132 * round(ce["occupancy"] * 64 / ce["warps"])
+    chunk = chunk_rows(8192, 128256, 2, DEFAULT_CHUNK_BYTES)
+    assert 0.9 * resident <= chunk <= resident, (chunk, resident)
