@@ -79,6 +79,35 @@ def test_equals_three_peft_layers(bias, dropout, four_bit):
         assert_grads_close_to_reference(got, exact, [r[2][i] for r in torch_runs])
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_small_m_over_nf4_reads_the_packed_weights(dropout, triton_device, monkeypatch):
+    """A few tokens over 4-bit bases: each projection is one nf4_matmul, forward and backward (no dequantize),
+    with the result of the three PEFT layers (the tolerance rule, as above)."""
+    import importlib
+
+    qkv_ops = importlib.import_module("fastlora.ops.lora_qkv")  # the package exports a function of that name
+    calls = {"nf4_matmul": 0, "dequantize": 0}
+    real_mm, real_dq = qkv_ops.nf4_matmul, qkv_ops.dequantize_nf4
+    monkeypatch.setattr(qkv_ops, "nf4_matmul", lambda *a, **k: calls.__setitem__(
+        "nf4_matmul", calls["nf4_matmul"] + 1) or real_mm(*a, **k))
+    monkeypatch.setattr(qkv_ops, "dequantize_nf4", lambda *a, **k: calls.__setitem__(
+        "dequantize", calls["dequantize"] + 1) or real_dq(*a, **k))
+    layers = _layers(dropout=dropout, bias=True, four_bit=True)
+    x = _x(k=K_NF4)
+    lows = [(torch_twin(layer, torch.float32), names) for layer, names in layers]
+    torch_run = _run(lows, x, lambda t: [layer(t) for layer, _ in lows])
+    twins = [(torch_twin(layer), names) for layer, names in layers]
+    outs64, dx64, grads64 = _run(twins, x.double(), lambda t: [layer(t) for layer, _ in twins])
+    with fastlora.use_backend(nf4_matmul="triton"):
+        outs, dx, grads = _run(layers, x, lambda t: _fastlora(layers, t))
+    assert calls == {"nf4_matmul": 3, "dequantize": 0}  # the backward's dX: lora.py's nf4_matmul, not counted here
+    for got, exact, low, what in zip(outs, outs64, torch_run[0], "qkv", strict=True):
+        assert_close_to_reference(got, exact, low, name=what)
+    assert_close_to_reference(dx, dx64, torch_run[1], name="dx")
+    for got, exact, low in zip(grads, grads64, torch_run[2], strict=True):
+        assert_grads_close_to_reference(got, exact, low)
+
+
 def _one_down_gemm(layers, t):
     """PEFT's three layers in lora_qkv's arrangement, by PyTorch: the three A stacked into one GEMM over x (read
     once), then each B. Its fp32 rounding is PyTorch's own too, and differs from the layer-by-layer GEMMs' with the

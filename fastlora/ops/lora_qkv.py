@@ -3,7 +3,9 @@
 X is read once: one GEMM makes the three down-projections ``XA = X [A_q; A_k; A_v]^T`` (``[M, 3r]``) when no
 adapter has dropout. The outputs are column blocks of one ``[M, Nq + Nk + Nv]`` tensor, so that their gradients
 arrive as one ``dY``. Over NF4 the three weights are dequantized into one ``[Nq + Nk + Nv, K]`` workspace and each
-direction is a single GEMM; dense weights take one GEMM each, written into (and read from) the column blocks.
+direction is a single GEMM, except for a few rows (``lora_linear``'s small-M case): then each projection is one
+:func:`fastlora.nf4_matmul` reading its packed weight, with its LoRA term in the kernel's epilogue. Dense weights
+take one GEMM each, written into (and read from) the column blocks.
 The LoRA term of ``dX`` is one GEMM for the three adapters: ``[G_q | G_k | G_v] [A_q; A_k; A_v]``.
 
 The stack: reference (:func:`lora_qkv_reference`) -> ``fastlora::lora_qkv_fwd`` / ``lora_qkv_bwd`` ->
@@ -23,7 +25,10 @@ from ._workspace import workspace
 from .lora import (
     _check,
     _down,
+    _scaled_b,
     _slices,
+    _small_nf4,
+    _small_nf4_dx,
     blocks,
     dropout_inputs,
     flat_input,
@@ -33,6 +38,7 @@ from .lora import (
     saved_adapters,
 )
 from .nf4 import dequantize_nf4
+from .nf4_matmul import nf4_matmul
 from .nf4_weight import NF4Weight
 
 Base = torch.Tensor | NF4Weight
@@ -132,6 +138,27 @@ def _weights(bases: Sequence[Base], dtype: torch.dtype) -> list[torch.Tensor]:
     return [stacked]
 
 
+def _small(bases: Sequence[Base], x: torch.Tensor) -> bool:
+    """Whether the fused NF4 GEMM serves these rows for every projection (as it would each alone)."""
+    return all(_small_nf4(b, x) for b in bases)
+
+
+def _forward(x: torch.Tensor, bases: Sequence[Base], biases: list[torch.Tensor | None], dropped: list[torch.Tensor],
+             A: list[torch.Tensor], B: list[torch.Tensor], scaling: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Y, XA)``: GEMMs over the dense (or once dequantized) weights, or for a few rows over NF4 one kernel per
+    projection reading its packed weight, X read once for the down-projections either way."""
+    if not _small(bases, x):
+        return call("lora_qkv_fwd", x, _weights(bases, x.dtype), biases, dropped, A, B, scaling)
+    cd = x.dtype
+    xa = _down(x, dropped, A)
+    out_cols = blocks([b.shape[0] for b in B])
+    y = empty((x.shape[0], out_cols[-1].stop), dtype=cd, device=x.device)
+    for cols, sl, base, b, s, bias in zip(out_cols, _slices(A), bases, B, scaling, biases, strict=True):
+        y[:, cols] = nf4_matmul(x, base, e1=xa[:, sl].contiguous(), e2=_scaled_b([b], [s], cd),
+                                bias=None if bias is None else bias.to(cd))
+    return y, xa
+
+
 class LoRAQKVFunction(torch.autograd.Function):
     """``apply(x [M, K], bases, dropout_p, scaling, *A, *B, *biases)`` -> ``[M, Nq + Nk + Nv]``."""
 
@@ -141,7 +168,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         n = len(bases)
         A, B, biases = list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:])
         dropped, masks = dropout_inputs(x, A, dropout_p)
-        y, xa = call("lora_qkv_fwd", x, _weights(bases, x.dtype), biases, dropped, A, B, list(scaling))
+        y, xa = _forward(x, bases, biases, dropped, A, B, list(scaling))
         ctx.bases, ctx.scaling, ctx.dropout_p, ctx.n = bases, list(scaling), list(dropout_p), n
         ctx.bias_dtypes = [None if bias is None else bias.dtype for bias in biases]
         save_adapters(ctx, xa, x, dropped, masks, A, B)
@@ -154,9 +181,16 @@ class LoRAQKVFunction(torch.autograd.Function):
         xa, x, dropped, masks, A, B = saved_adapters(ctx, n)
         dy = dy.contiguous()
         need_dx = ctx.needs_input_grad[0]
-        weights = _weights(ctx.bases, dy.dtype) if need_dx else []
+        small = need_dx and _small(ctx.bases, dy)
+        weights = _weights(ctx.bases, dy.dtype) if need_dx and not small else []
         dx, d_a, d_b = call("lora_qkv_bwd", dy, weights, xa, x, dropped, masks, A, B,
-                            ctx.scaling, ctx.dropout_p, need_dx)
+                            ctx.scaling, ctx.dropout_p, need_dx and not small)
+        if small:  # dX = sum of the projections' dY_i W_i + LoRA terms, each read from its packed weight
+            dx = None
+            for i, cols in enumerate(blocks([b.shape[0] for b in B])):
+                term = _small_nf4_dx(dy[:, cols].contiguous(), ctx.bases[i], [masks[i]], [A[i]], [B[i]],
+                                     [ctx.scaling[i]], [ctx.dropout_p[i]])
+                dx = term if dx is None else dx.add_(term)
         needs = ctx.needs_input_grad[4:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
         for cols, dtype, need in zip(blocks([b.shape[0] for b in B]), ctx.bias_dtypes, needs[2 * n:],
@@ -207,8 +241,7 @@ def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], 
             y = LoRAQKVFunction.apply(x2, tuple(bases), tuple(ps), tuple(float(s) for s in scaling), *tensors)
         else:
             dropped, _ = dropout_inputs(x2, A, ps)
-            y, _ = call("lora_qkv_fwd", x2, _weights(bases, cd), biases, dropped, list(A), list(B),
-                        [float(s) for s in scaling])
+            y, _ = _forward(x2, bases, biases, dropped, list(A), list(B), [float(s) for s in scaling])
     y = y.to(out_dtype)
     return tuple(y[:, cols].view(*x.shape[:-1], cols.stop - cols.start)
                  for cols in blocks([b.shape[0] for b in B]))
