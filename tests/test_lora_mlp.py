@@ -107,6 +107,24 @@ def test_equals_peft_over_bitsandbytes():
     _equal_to_peft(gate_up, down, "silu", _x(k=K_NF4))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_small_m_over_nf4_reads_the_packed_weights(dropout, triton_device, monkeypatch):
+    """A few tokens over 4-bit bases: every projection reads its packed weight in nf4_matmul, forward and
+    backward; nothing is dequantized; the result is PEFT's (as above)."""
+    import importlib
+
+    dequantized = []
+    for name in ("fastlora.ops.lora", "fastlora.ops.lora_qkv"):  # modules: fastlora.ops exports functions so named
+        module = importlib.import_module(name)
+        real = module.dequantize_nf4
+        monkeypatch.setattr(module, "dequantize_nf4",
+                            lambda *a, _real=real, **k: dequantized.append(1) or _real(*a, **k))
+    gate_up, down = _mlp(four_bit=True, dropout=dropout, bias=True)
+    with fastlora.use_backend(nf4_matmul="triton"):
+        _equal_to_peft(gate_up, down, "silu", _x(k=K_NF4))
+    assert not dequantized
+
+
 def test_activation_is_not_stored():
     """Saved for the backward: x, the [M, 2I] gate_up output and thin [M, r] tensors, never [M, I] h."""
     gate_up, down = _mlp()

@@ -235,13 +235,8 @@ class LoRALinearFunction(torch.autograd.Function):
         xa, x, dropped, masks, A, B = saved_adapters(ctx, n)
         dy = dy.contiguous()
         need_dx = ctx.needs_input_grad[0]
-        small = need_dx and _small_nf4(ctx.base, dy)
-        weight = _dense(ctx.base, dy.dtype) if need_dx and not small else dy.new_empty((0, 0))
-        dx, d_a, d_b, d_lb = call("lora_linear_bwd", dy, weight, xa, x, dropped, masks,
-                                  A, B, ctx.scaling, ctx.dropout_p, ctx.has_lora_bias,
-                                  need_dx and not small)
-        if small:
-            dx = _small_nf4_dx(dy, ctx.base, masks, A, B, ctx.scaling, ctx.dropout_p)
+        dx, d_a, d_b, d_lb = _backward(dy, ctx.base, xa, x, dropped, masks, A, B, ctx.scaling, ctx.dropout_p,
+                                       ctx.has_lora_bias, need_dx)
         needs = ctx.needs_input_grad[6:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
         grads += [g if has and need else None for g, has, need in zip(d_lb, ctx.has_lora_bias, needs[2 * n:],
@@ -249,6 +244,21 @@ class LoRALinearFunction(torch.autograd.Function):
         # A trainable base bias (PEFT's bias="all") is cheap to serve; the base weight never is.
         d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx if need_dx else None, None, d_bias, None, None, None, *grads
+
+
+def _backward(dy: torch.Tensor, base: torch.Tensor | NF4Weight, xa: torch.Tensor, x: torch.Tensor,
+              dropped: list[torch.Tensor], masks: list[torch.Tensor | None], A: list[torch.Tensor],
+              B: list[torch.Tensor], scaling: list[float], dropout_p: list[float], has_lora_bias: list[bool],
+              need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """``(dX, dA, dB, d lora_bias)`` of one layer: dX over the dense (or once dequantized) weight, or for a few rows
+    over NF4 from the packed weight (:func:`_small_nf4_dx`)."""
+    small = need_dx and _small_nf4(base, dy)
+    weight = _dense(base, dy.dtype) if need_dx and not small else dy.new_empty((0, 0))
+    dx, d_a, d_b, d_lb = call("lora_linear_bwd", dy, weight, xa, x, dropped, masks, A, B, scaling, dropout_p,
+                              has_lora_bias, need_dx and not small)
+    if small:
+        dx = _small_nf4_dx(dy, base, masks, A, B, scaling, dropout_p)
+    return dx, d_a, d_b, d_lb
 
 
 def _small_nf4_dx(dy: torch.Tensor, base: NF4Weight, masks: list[torch.Tensor | None], A: list[torch.Tensor],

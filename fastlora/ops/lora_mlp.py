@@ -21,8 +21,11 @@ import torch
 from ._autocast import autocast_disabled, autocast_off
 from ._library import call
 from .glu import ACTIVATIONS, activation_reference
-from .lora import _check, _dense, blocks, dropout, dropout_inputs, flat_input, gemm_dtypes, lora_linear_reference
-from .lora_qkv import _weights
+from .lora import _backward as linear_backward
+from .lora import _check, blocks, dropout, dropout_inputs, flat_input, gemm_dtypes, lora_linear_reference
+from .lora import _forward as linear_forward
+from .lora_qkv import _backward as qkv_backward
+from .lora_qkv import _forward as qkv_forward
 from .nf4_weight import NF4Weight
 
 Base = torch.Tensor | NF4Weight
@@ -55,12 +58,11 @@ def _forward(x: torch.Tensor, gu_bases: tuple[Base, ...], down_base: Base, activ
              biases: list[torch.Tensor | None]) -> tuple[torch.Tensor, tuple]:
     """``(y, what the backward keeps)``; projections 0..n-2 are gate/up (one fused or two), the last is down."""
     dropped, masks = dropout_inputs(x, A[:-1], dropout_p[:-1])
-    gu, xa_gu = call("lora_qkv_fwd", x, _weights(gu_bases, x.dtype), biases[:-1], list(dropped),
-                                                A[:-1], B[:-1], list(scaling[:-1]))
+    # Over NF4, a few rows take the fused NF4 GEMM in each projection, as lora_linear and lora_qkv do.
+    gu, xa_gu = qkv_forward(x, gu_bases, biases[:-1], list(dropped), A[:-1], B[:-1], list(scaling[:-1]))
     h = call("glu_fwd", gu, activation)
     h_dropped, mask_h = dropout(h, dropout_p[-1], A[-1].dtype)
-    y, xa_d = call("lora_linear_fwd", h, _dense(down_base, x.dtype), biases[-1], [h_dropped], A[-1:],
-                                                 B[-1:], [scaling[-1]], [None])
+    y, xa_d = linear_forward(h, down_base, biases[-1], [h_dropped], A[-1:], B[-1:], [scaling[-1]], [None])
     return y, (gu, xa_gu, xa_d, mask_h, dropped, masks)
 
 
@@ -96,16 +98,14 @@ class LoRAMLPFunction(torch.autograd.Function):
         h = call("glu_fwd", gu, ctx.activation)  # recomputed, not stored
         p_h = ctx.dropout_p[-1]
         h_dropped = h if mask_h is None else (h.to(A[-1].dtype) * mask_h).mul_(1.0 / (1.0 - p_h)).to(cd)
-        dh, d_a_down, d_b_down, _ = call("lora_linear_bwd",
-            dy, _dense(ctx.down_base, cd), xa_d, h, [h_dropped], [mask_h], A[-1:], B[-1:], ctx.scaling[-1:],
-            [p_h], [False], True)
+        dh, d_a_down, d_b_down, _ = linear_backward(dy, ctx.down_base, xa_d, h, [h_dropped], [mask_h], A[-1:],
+                                                    B[-1:], ctx.scaling[-1:], [p_h], [False], True)
         del h, h_dropped
         call("glu_bwd_", dh, gu, ctx.activation)  # gu now holds [d gate | d up]
         del dh
         need_dx = ctx.needs_input_grad[0]
-        weights = _weights(ctx.gu_bases, cd) if need_dx else []
-        dx, d_a, d_b = call("lora_qkv_bwd", gu, weights, xa_gu, x, dropped, list(masks), A[:-1], B[:-1],
-                            ctx.scaling[:-1], ctx.dropout_p[:-1], need_dx)
+        dx, d_a, d_b = qkv_backward(gu, ctx.gu_bases, xa_gu, x, dropped, list(masks), A[:-1], B[:-1],
+                                    ctx.scaling[:-1], ctx.dropout_p[:-1], need_dx)
         needs = ctx.needs_input_grad[7:]
         grads = [g if need else None for g, need in zip([*d_a, *d_a_down, *d_b, *d_b_down], needs[:2 * n],
                                                         strict=True)]

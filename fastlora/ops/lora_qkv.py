@@ -159,6 +159,25 @@ def _forward(x: torch.Tensor, bases: Sequence[Base], biases: list[torch.Tensor |
     return y, xa
 
 
+def _backward(dy: torch.Tensor, bases: Sequence[Base], xa: torch.Tensor, x: torch.Tensor,
+              dropped: list[torch.Tensor], masks: list[torch.Tensor | None], A: list[torch.Tensor],
+              B: list[torch.Tensor], scaling: list[float], dropout_p: list[float],
+              need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """``(dX, dA, dB)``: dX over the dense (or once dequantized) weights, or for a few rows over NF4 the sum of the
+    projections' ``dY_i W_i`` and LoRA terms, each read from its packed weight."""
+    small = need_dx and _small(bases, dy)
+    weights = _weights(bases, dy.dtype) if need_dx and not small else []
+    dx, d_a, d_b = call("lora_qkv_bwd", dy, weights, xa, x, dropped, masks, A, B, scaling, dropout_p,
+                        need_dx and not small)
+    if small:
+        dx = None
+        for i, cols in enumerate(blocks([b.shape[0] for b in B])):
+            term = _small_nf4_dx(dy[:, cols].contiguous(), bases[i], [masks[i]], [A[i]], [B[i]], [scaling[i]],
+                                 [dropout_p[i]])
+            dx = term if dx is None else dx.add_(term)
+    return dx, d_a, d_b
+
+
 class LoRAQKVFunction(torch.autograd.Function):
     """``apply(x [M, K], bases, dropout_p, scaling, *A, *B, *biases)`` -> ``[M, Nq + Nk + Nv]``."""
 
@@ -181,16 +200,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         xa, x, dropped, masks, A, B = saved_adapters(ctx, n)
         dy = dy.contiguous()
         need_dx = ctx.needs_input_grad[0]
-        small = need_dx and _small(ctx.bases, dy)
-        weights = _weights(ctx.bases, dy.dtype) if need_dx and not small else []
-        dx, d_a, d_b = call("lora_qkv_bwd", dy, weights, xa, x, dropped, masks, A, B,
-                            ctx.scaling, ctx.dropout_p, need_dx and not small)
-        if small:  # dX = sum of the projections' dY_i W_i + LoRA terms, each read from its packed weight
-            dx = None
-            for i, cols in enumerate(blocks([b.shape[0] for b in B])):
-                term = _small_nf4_dx(dy[:, cols].contiguous(), ctx.bases[i], [masks[i]], [A[i]], [B[i]],
-                                     [ctx.scaling[i]], [ctx.dropout_p[i]])
-                dx = term if dx is None else dx.add_(term)
+        dx, d_a, d_b = _backward(dy, ctx.bases, xa, x, dropped, masks, A, B, ctx.scaling, ctx.dropout_p, need_dx)
         needs = ctx.needs_input_grad[4:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
         for cols, dtype, need in zip(blocks([b.shape[0] for b in B]), ctx.bias_dtypes, needs[2 * n:],
