@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="search the longest sequence that trains before the GPU runs out of memory, for HF + "
                              "PEFT + bitsandbytes and for fastlora with and without offloaded checkpointing")
     parser.add_argument("--static", action="store_true",
-                        help="no timing: compile every kernel for sm_90a and sm_80 at Llama-8B shapes and report what "
-                             "the compiler made and the time it predicts (needs no GPU; results in DIR/static)")
+                        help="no timing: compile every kernel for sm_90a, sm_80 and gfx942 at Llama-8B shapes and "
+                             "report what the compiler made and the time it predicts (needs no GPU; results in "
+                             "DIR/static)")
     parser.add_argument("--device", default=None,
                         help="torch device to run on, e.g. cpu or cuda:1 (default: the GPU if there is one)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -157,7 +158,7 @@ def _run_static(out: Path | None) -> int:
     GPU compiler, which ``TRITON_INTERPRET=1`` in this one would prevent."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "fastlora.benchmarks.static", "--device", "H100 SXM", "--device", "H200",
-               "--device", "A100 80GB"]
+               "--device", "A100 80GB", "--device", "MI300X"]
     return subprocess.run(command + (["--out", str(out)] if out else []), env=env, check=False).returncode
 
 

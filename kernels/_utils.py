@@ -12,6 +12,19 @@ NF4_CODE = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 
+# The wavefront width the launchers assume instead of the device's (None: the device's): the static analysis
+# compiles for an AMD GPU from a machine without one (fastlora.benchmarks.static).
+SIMULATED_WAVEFRONT: int | None = None
+
+
+def elementwise_warps(device: torch.device) -> int:
+    """Warps for the elementwise kernels' 1024-element blocks: 8 elements, 16 bytes of bf16, a thread, so that
+    loads and stores are 128-bit: 4 warps of 32 on NVIDIA, 2 wavefronts of 64 on AMD (4 gave 64-bit accesses on
+    gfx942)."""
+    wavefront = SIMULATED_WAVEFRONT or (64 if device.type == "cuda" and torch.version.hip else 32)
+    return 128 // wavefront
+
+
 # Set by the test suite's poison fixture: every buffer fastlora allocates starts as NaN (or all ones bits for
 # integers), so an output element that a kernel forgets to write fails the comparison instead of passing by luck.
 POISON = False

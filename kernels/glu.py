@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import elementwise_warps
+
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 _BLOCK = 1024
 
@@ -57,11 +59,13 @@ def glu_fwd(gu: torch.Tensor, out: torch.Tensor, activation: str) -> None:
     """``out [M, I] = act(gu[:, :I]) * gu[:, I:]``; rows contiguous."""
     if out.numel():
         glu_fwd_kernel[_grid(gu)](gu, out, out, gu.shape[1] // 2, gu.stride(0), out.stride(0),
-                                  ACT=ACTIVATIONS[activation], BACKWARD=False, BLOCK=_BLOCK, enable_fp_fusion=True)
+                                  ACT=ACTIVATIONS[activation], BACKWARD=False, BLOCK=_BLOCK, enable_fp_fusion=True,
+                                  num_warps=elementwise_warps(gu.device))
 
 
 def glu_bwd_(dh: torch.Tensor, gu: torch.Tensor, activation: str) -> None:
     """``gu <- [dh * up * act'(gate) | dh * act(gate)]`` in place; rows contiguous."""
     if dh.numel():
         glu_fwd_kernel[_grid(gu)](gu, dh, dh, gu.shape[1] // 2, gu.stride(0), dh.stride(0),
-                                  ACT=ACTIVATIONS[activation], BACKWARD=True, BLOCK=_BLOCK, enable_fp_fusion=True)
+                                  ACT=ACTIVATIONS[activation], BACKWARD=True, BLOCK=_BLOCK, enable_fp_fusion=True,
+                                  num_warps=elementwise_warps(gu.device))

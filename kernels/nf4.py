@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import NF4_CODE
+from ._utils import NF4_CODE, elementwise_warps
 
 # Output elements per program: 2048 packed bytes, 16 to a thread in one 128-bit load; 32 outputs to a thread in
 # 128-bit stores (fastlora.benchmarks.static reads the widths; 4 bytes a thread gave 32-bit loads).
@@ -75,4 +75,5 @@ def nf4_dequantize(data: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.
     nf4_dequantize_fwd_kernel[(triton.cdiv(numel, _BLOCK),)](
         data, absmax, code2, scale2, off, _nf4_pairs(data.device), out, numel, (numel + 1) // 2,
         NESTED=nested, BLOCKSIZE=blocksize, BLOCK=_BLOCK, ROW_BYTES=_ROW_BYTES, enable_fp_fusion=False,
+        num_warps=elementwise_warps(data.device),
     )

@@ -174,7 +174,7 @@ def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax
     tiles = triton.cdiv(m, bm) * triton.cdiv(p, 64)
     if gpu is None and x.is_cuda:
         props = torch.cuda.get_device_properties(x.device)
-        gpu = (props.multi_processor_count, props.major)
+        gpu = (props.multi_processor_count, 0 if torch.version.hip else props.major)  # AMD: sm_80's counts
     resident = gpu[0] * _CTAS_PER_SM.get(gpu[1], _CTAS_PER_SM[8])[bm, trans_w] if gpu else 0
     q_split = q_split or split_q(tiles, q, resident)
     slices = triton.cdiv(q, q_split)

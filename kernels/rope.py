@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import elementwise_warps
+
 
 @triton.jit
 def _rotate_heads(p_x, p_y, o_bs_x, o_bs_y, sx_h, sy_h, n_heads, b_c1, b_c2, b_s1, b_s2,
@@ -95,5 +97,5 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         sc_b, cos.stride(1), hq, hk,
         HALF=half, D=D, BLOCK_H=min(triton.next_power_of_2(max(hq, hk)), 16), BLOCK_R=triton.next_power_of_2(half),
         BLOCK_P=triton.next_power_of_2(max(D - rot, 1)), BACKWARD=backward, COPY_PASS=copy_pass,
-        enable_fp_fusion=True,
+        enable_fp_fusion=True, num_warps=elementwise_warps(q.device),
     )

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty_like
+from ._utils import elementwise_warps, empty_like
 
 _BLOCK = 1024
 
@@ -43,7 +43,8 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = empty_like(gate)
     n = gate.numel()
     if n:
-        swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, enable_fp_fusion=True)
+        swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, enable_fp_fusion=True,
+                                                     num_warps=elementwise_warps(gate.device))
     return out
 
 
@@ -53,5 +54,5 @@ def swiglu_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tupl
     n = gate.numel()
     if n:
         swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](grad, gate, up, dgate, dup, n, BLOCK=_BLOCK,
-                                                     enable_fp_fusion=True)
+                                                     enable_fp_fusion=True, num_warps=elementwise_warps(gate.device))
     return dgate, dup

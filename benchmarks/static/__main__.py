@@ -42,12 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastlora.benchmarks.static", description=__doc__)
     parser.add_argument("--out", type=Path, help="write static.csv and static.md there")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON (what the tests read)")
-    parser.add_argument("--device", action="append", help="H100 SXM, H200, A100 80GB (default: H100 SXM, A100 80GB)")
+    parser.add_argument("--device", action="append",
+                        help="H100 SXM, H200, A100 80GB, MI300X (default: H100 SXM, A100 80GB, MI300X)")
     parser.add_argument("--case", help="only the cases whose name contains this")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: the kernels would be defined for the interpreter; unset it")
-    rows = analyse_all(args.device or ["H100 SXM", "A100 80GB"], args.case)
+    rows = analyse_all(args.device or ["H100 SXM", "A100 80GB", "MI300X"], args.case)
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+from . import amdgcn
 from .cases import Case, all_cases
 from .compile import capture, compile_launch
 from .devices import DEVICES, Device
@@ -13,8 +16,36 @@ def _widths(counter: dict[int, int]) -> str:
     return " ".join(f"{bits}b:{n}" for bits, n in sorted(counter.items()))
 
 
+def _analyse_amd(case: Case, device: Device) -> list[dict]:
+    """What the compiler made for an AMD GPU (the launchers configured for 64-wide wavefronts)."""
+    from fastlora.kernels import _utils
+
+    _utils.SIMULATED_WAVEFRONT = 64
+    try:
+        launches = capture(lambda: case.launcher((device.sms, 0)))
+    finally:
+        _utils.SIMULATED_WAVEFRONT = None
+    rows = []
+    for launch in launches:
+        compiled = compile_launch(launch, device.target)
+        info = amdgcn.read(compiled.asm["amdgcn"])
+        rows.append({
+            "case": case.name, "kind": case.kind, "kernel": launch.name, "device": device.name,
+            "target": device.target, "regs": info["vgprs"], "spills": info["spills"],
+            "smem_kb": round(info["lds"] / 1024, 1), "warps": compiled.metadata.num_warps,
+            "ctas": math.prod(launch.grid),
+            "loads": _widths(info["load_widths"]), "stores": _widths(info["store_widths"]),
+            "load_widths": info["load_widths"], "store_widths": info["store_widths"],
+            "tensor_core": f"MFMA:{info['mfma']}" if info["mfma"] else "", "bound": "", "est_us": "",
+            "roofline_pct": "",
+        })
+    return rows
+
+
 def analyse(case: Case, device: Device) -> list[dict]:
     """The rows of one case on one device (one per kernel launch its launcher makes)."""
+    if device.target.startswith("gfx"):
+        return _analyse_amd(case, device)
     rows = []
     for launch in capture(lambda: case.launcher((device.sms, int(device.target.removeprefix("sm")) // 10))):
         compiled = compile_launch(launch, device.target)
@@ -75,7 +106,7 @@ def analyse_all(devices: list[str], only: str | None = None) -> list[dict]:
         for name in devices:
             rows += analyse(case, DEVICES[name])
     for row in rows:
-        if row["kind"] == "gemm":
+        if row["kind"] == "gemm" and row["est_us"] != "":
             dequant = next(r for r in rows if r["kind"] == "dequant" and r["device"] == row["device"])
             m, n, k = row["mnk"]
             alt = dequantize_then_cublas_us(DEVICES[row["device"]], dequant["est_us"], m, n, k)

@@ -20,10 +20,12 @@ ON_GPU = {"DOT_FP32": False}
 
 
 def targets() -> dict[str, object]:
-    """The GPU targets, by short name (``sm90`` is compiled as sm_90a, as Triton does for an H100)."""
+    """The GPU targets, by short name (``sm90`` is compiled as sm_90a, as Triton does for an H100; ``gfx942`` is the
+    MI300X)."""
     from triton.backends.compiler import GPUTarget
 
-    return {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32), "sm75": GPUTarget("cuda", 75, 32)}
+    return {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32), "sm75": GPUTarget("cuda", 75, 32),
+            "gfx942": GPUTarget("hip", "gfx942", 64)}
 
 
 @dataclass

@@ -35,4 +35,6 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
     Device("A100 80GB", "sm80", 108, 1.41, 2.04e12, 312e12, 19.5e12, smem_per_sm=164 * 1024),
     Device("T4", "sm75", 40, 1.59, 0.32e12, 65e12, 8.1e12, max_warps_per_sm=32, max_ctas_per_sm=16,
            smem_per_sm=64 * 1024),
+    # 304 CUs; what the compiler made is reported, not yet a time (no AMD model).
+    Device("MI300X", "gfx942", 304, 2.1, 5.3e12, 1307e12, 163e12),
 )}
