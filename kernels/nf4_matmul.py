@@ -189,7 +189,10 @@ def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax
         e1.stride(0) if has_lora else 0, e2.stride(0) if has_lora else 0, e2.stride(1) if has_lora else 0,
         out.stride(0), NESTED=nested, BLOCKSIZE=blocksize, TRANS_W=trans_w, HAS_LORA=has_lora,
         HAS_BIAS=bias is not None, DOT_FP32=x.device.type == "cpu", ROW_BLOCKS=row_blocks, SPLIT=slices > 1,
-        BM=bm, BP=64, BQ=64, BR=16, enable_fp_fusion=False,
+        # 2 stages: the pipeliner copies each table lookup to shared memory, and a third stage costs more of
+        # those than the latency it hides (sm_90a K loop: 230 instructions a tile and warp against 266; the split
+        # grid keeps 5-7 CTAs on an SM to hide the rest).
+        BM=bm, BP=64, BQ=64, BR=16, enable_fp_fusion=False, num_stages=2,
     )
     if slices > 1:
         # The slices' fp32 sums added in slice order (deterministic, unlike atomics), rounded once.
