@@ -226,6 +226,31 @@ def plan(device: DeviceInfo | torch.device | str | int | None = None, dtype: tor
     return [decide(op, info, dtype, native=native) for op in sorted(policies())]
 
 
+def capable_backends(op: str, device: DeviceInfo | torch.device | str | int | None = None,
+                     dtype: torch.dtype | None = None, *,
+                     native: frozenset[tuple[str, str]] | None = None) -> list[Backend]:
+    """The backends AUTO may choose for ``op`` here, in the table's order (the first is the static choice):
+    the candidates a measured choice times (:mod:`fastlora.tuning`).
+
+    Example:
+        >>> capable_backends("swiglu", "cpu", torch.float32)
+        [<Backend.CPP: 'cpp'>, <Backend.TORCH: 'torch'>]
+    """
+    info = device if isinstance(device, DeviceInfo) else device_info(device)
+    policy = _POLICIES.get(op)
+    if policy is None:
+        raise ValueError(f"capable_backends: unknown op {op!r} (known: {', '.join(sorted(policies()))})")
+    target = Target(op, info, dtype, native)
+    return [b for b in policy.candidates if _why_not(policy, b, target, auto=True) is None]
+
+
+def is_auto(op: str, requested: Backend | str = Backend.AUTO) -> bool:
+    """Whether nothing asks for a backend for this call of ``op`` (argument, use_backend, FASTLORA_BACKEND*): only
+    then may the choice be measured."""
+    parsed = _BY_NAME.get(requested) if isinstance(requested, str) else requested
+    return _requested(op, parsed or Backend.parse(requested, what=f"{op}: requested"))[0] is Backend.AUTO
+
+
 @contextlib.contextmanager
 def use_backend(backend: Backend | str | None = None, /, **per_op: Backend | str) -> Iterator[None]:
     """Force backends inside a ``with`` block: one for every op, and/or one per op by name.

@@ -7,6 +7,9 @@ import torch
 # Triton decides at kernel definition whether to interpret, so this must happen before any kernel module loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The static dispatch table, not measured choices: a test must run the same backend on every machine and run
+# (tests/test_tuning.py turns measuring on where it is the subject).
+os.environ.setdefault("FASTLORA_TUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import Backend, resolve_backend
+from ..dispatch import Backend
 from ..kernels._utils import empty_like
+from ..tuning import choose, close
 from ._library import define
 
 _OP = "swiglu"
@@ -33,7 +34,12 @@ def swiglu_backward_reference(grad: torch.Tensor, gate: torch.Tensor,
 
 
 def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    b, _ = resolve_backend(_OP, gate.device, gate.dtype, backend)
+    b = choose(_OP, gate.device, gate.dtype, backend, gate.numel(), lambda b: _fwd_on(b, gate, up),
+               close(gate.dtype), part="fwd")
+    return _fwd_on(b, gate, up)
+
+
+def _fwd_on(b: Backend, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if b is Backend.TRITON:
         from ..kernels import swiglu as kernels
 
@@ -51,7 +57,12 @@ def _swiglu_fwd_fake(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto"
 
 def _swiglu_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    b, _ = resolve_backend(_OP, gate.device, gate.dtype, backend)
+    b = choose(_OP, gate.device, gate.dtype, backend, gate.numel(), lambda b: _bwd_on(b, grad, gate, up),
+               close(gate.dtype), part="bwd")
+    return _bwd_on(b, grad, gate, up)
+
+
+def _bwd_on(b: Backend, grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if b is Backend.TRITON:
         from ..kernels import swiglu as kernels
 

@@ -1,0 +1,246 @@
+"""Measured dispatch: AUTO takes, among the backends that can run an op here, the fastest one that passed a
+self-check against the reference, decided once per (device, dtype, shape bucket) and kept on disk.
+
+The static table (:mod:`fastlora.dispatch`) says what can run; it cannot know what is fastest on every device a
+user has. So the first call of an op for a key times each capable backend on that call's own inputs (a warm-up,
+then repeats within a time budget; CUDA events on a GPU) after checking its output against the reference
+backend's: a backend whose result is wrong (a miscompiled kernel on a new GPU or driver) is excluded, with a
+WARNING naming it. The decision is written to a JSON file keyed by the versions of torch, triton and fastlora (a
+version change starts afresh) and read at the next start, so runs are reproducible. Nothing is measured when a
+backend is asked for (argument, ``use_backend``, ``FASTLORA_BACKEND*``), with ``FASTLORA_TUNE=0``, while
+``torch.compile`` traces or a CUDA graph captures: the cached or static choice runs there.
+
+Environment: ``FASTLORA_TUNE=0`` (the static table only), ``FASTLORA_TUNING_CACHE=PATH`` (default
+``~/.cache/fastlora/tuning.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ._logging import logger
+from .dispatch import Backend, capable_backends, decide, is_auto
+
+#: Wall time one candidate may take to be timed, per key (after its warm-up); at least 3 repeats are made.
+BUDGET_S = 0.05
+MIN_REPEATS, MAX_REPEATS = 3, 25
+
+
+@dataclass
+class Measurement:
+    """How one key was decided: the backend, each candidate's median time and the ones excluded, with why."""
+
+    backend: str
+    times_us: dict[str, float] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
+    spent_s: float = 0.0
+
+
+def enabled() -> bool:
+    return os.environ.get("FASTLORA_TUNE", "1") != "0"
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # triton missing or broken: the choice is then among the other backends
+        triton_version = "none"
+    return {"torch": torch.__version__, "triton": triton_version, "fastlora": __version__}
+
+
+class Tuner:
+    """The decisions made so far, loaded from and saved to ``path`` (thread-safe).
+
+    Example:
+        >>> tuner = Tuner(Path("/tmp/tuning.json"))
+        >>> tuner.get("swiglu|cpu|float32|2**20")
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._decisions: dict[str, Measurement] | None = None
+
+    def _load(self) -> dict[str, Measurement]:
+        if self._decisions is None:
+            self._decisions = {}
+            try:
+                stored = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                stored = None
+            if isinstance(stored, dict) and stored.get("versions") == _versions():
+                self._decisions = {k: Measurement(**v) for k, v in stored.get("decisions", {}).items()}
+        return self._decisions
+
+    def get(self, key: str) -> Measurement | None:
+        with self._lock:
+            return self._load().get(key)
+
+    def put(self, key: str, measurement: Measurement) -> None:
+        with self._lock:
+            self._load()[key] = measurement
+            data = {"versions": _versions(), "decisions": {k: asdict(v) for k, v in self._decisions.items()}}
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+                os.replace(tmp, self.path)  # atomic: another process reads the old file or the new one
+            except OSError as e:
+                logger.warning("fastlora tuning: cannot save %s (%s); the decisions hold for this process",
+                               self.path, e)
+
+    def decisions(self) -> dict[str, Measurement]:
+        with self._lock:
+            return dict(self._load())
+
+
+_TUNERS: dict[Path, Tuner] = {}
+_TUNERS_LOCK = threading.Lock()
+
+
+def tuner() -> Tuner:
+    """The tuner of ``$FASTLORA_TUNING_CACHE`` (one per path in a process)."""
+    path = Path(os.environ.get("FASTLORA_TUNING_CACHE") or Path.home() / ".cache" / "fastlora" / "tuning.json")
+    with _TUNERS_LOCK:
+        return _TUNERS.setdefault(path, Tuner(path))
+
+
+def bucket(n: int) -> str:
+    """A size's bucket: the power of two at or above it (shapes between two powers share a decision)."""
+    return f"2**{max(0, int(n) - 1).bit_length()}"
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _time_us(run: Callable[[], object], device: torch.device) -> float:
+    """Median wall time of ``run()`` in microseconds, within the budget (synchronised on a GPU)."""
+    times = []
+    deadline = time.perf_counter() + BUDGET_S
+    while len(times) < MIN_REPEATS or (len(times) < MAX_REPEATS and time.perf_counter() < deadline):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def choose(op: str, device: torch.device, dtype: torch.dtype, requested: Backend | str, size: int,
+           run: Callable[[Backend], object], same: Callable[[object, object], bool], part: str = "") -> Backend:
+    """The backend this call of ``op`` runs on: measured once per key when AUTO decides, else the static choice.
+
+    Args:
+        op: a registered op.
+        device, dtype: where and in what the call computes.
+        requested: the call's backend argument (an explicit one is never tuned).
+        size: the call's size (elements or rows) that buckets the decision.
+        run: runs the call on a backend and returns its output (no side effects on the inputs).
+        same: whether a candidate's output matches the reference backend's within the op's tolerance.
+        part: which of the op's calls (``"fwd"``, ``"bwd"``): each is decided on its own.
+
+    Example:
+        >>> b = choose("swiglu", gate.device, gate.dtype, "auto", gate.numel(),
+        ...            lambda b: _impl(b, gate, up), lambda got, ref: torch.equal(got, ref))
+    """
+    if not is_auto(op, requested) or not enabled():
+        return decide(op, device, dtype, requested).backend
+    # The hot path: a decision already made in this process, by the file it is kept in.
+    fast = (os.environ.get("FASTLORA_TUNING_CACHE"), op, part, device, dtype, max(0, int(size) - 1).bit_length())
+    hit = _DECIDED.get(fast)
+    if hit is not None:
+        return hit
+    chosen = _choose(op, device, dtype, requested, size, run, same, part)
+    if chosen is not None:
+        _DECIDED[fast] = chosen
+        return chosen
+    return decide(op, device, dtype, requested).backend
+
+
+# Decisions made or read in this process, by (cache file, op, part, device, dtype, size bucket): a dict lookup per
+# call once decided (the key string, the tuner's lock and the device probe cost ~12 us a call).
+_DECIDED: dict[tuple, Backend] = {}
+
+
+def _choose(op: str, device: torch.device, dtype: torch.dtype, requested: Backend | str, size: int,
+            run: Callable[[Backend], object], same: Callable[[object, object], bool], part: str) -> Backend | None:
+    """The kept or measured decision; None where nothing may be measured now (then the static choice runs)."""
+    name = f"{op}.{part}" if part else op
+    key = f"{name}|{_device_name(device)}|{str(dtype).removeprefix('torch.')}|{bucket(size)}"
+    t = tuner()
+    known = t.get(key)
+    if known is not None:
+        return Backend(known.backend)
+    candidates = capable_backends(op, device, dtype)
+    if len(candidates) < 2:
+        return candidates[0]
+    if torch.compiler.is_compiling() or _capturing(torch.device(device)):
+        return None
+    with t._lock:  # one measurement per key, even when threads race to the first call
+        known = t.get(key)
+        if known is not None:
+            return Backend(known.backend)
+        static = decide(op, device, dtype, requested).backend
+        measurement = _measure(op, key, candidates, static, torch.device(device), run, same)
+        t.put(key, measurement)
+    return Backend(measurement.backend)
+
+
+def _measure(op: str, key: str, candidates: list[Backend], static: Backend, device: torch.device,
+             run: Callable[[Backend], object], same: Callable[[object, object], bool]) -> Measurement:
+    start = time.perf_counter()
+    reference = run(Backend.TORCH)  # the reference is always a candidate (register_op guarantees it)
+    m = Measurement(static.value)
+    for b in candidates:
+        try:
+            out = run(b)  # the warm-up, and the output checked
+            if not same(out, reference):
+                raise ValueError("its result differs from the reference's")
+        except Exception as e:  # a broken kernel is excluded, never chosen
+            m.excluded[b.value] = str(e)[:200]
+            logger.warning("fastlora tuning: %s excluded for %s: %s", b.value, key, m.excluded[b.value])
+            continue
+        m.times_us[b.value] = round(_time_us(lambda b=b: run(b), device), 2)
+    if m.times_us:
+        m.backend = min(m.times_us, key=m.times_us.get)
+    m.spent_s = round(time.perf_counter() - start, 4)
+    logger.info("fastlora tuning: %s -> %s (%s; %.3f s spent)", key, m.backend,
+                ", ".join(f"{b} {t} us" for b, t in m.times_us.items()), m.spent_s)
+    return m
+
+
+def _device_name(device: torch.device | str) -> str:
+    from .device import device_info
+
+    info = device_info(device)
+    return f"{info.device_type}:{info.name}"
+
+
+def close(dtype: torch.dtype, ulps: float = 4.0) -> Callable[[object, object], bool]:
+    """An op's self-check for a floating result (a tensor or a tuple of them): within ``ulps`` units of ``dtype``'s
+    precision of the reference, relative, with as much absolute slack near zero."""
+    eps = torch.finfo(dtype).eps * ulps
+
+    def same(got: object, ref: object) -> bool:
+        got, ref = (got, ref) if isinstance(got, tuple | list) else ((got,), (ref,))
+        return len(got) == len(ref) and all(
+            g.shape == r.shape and g.dtype == r.dtype and torch.allclose(g.float(), r.float(), rtol=eps, atol=eps)
+            for g, r in zip(got, ref, strict=True))
+
+    return same

@@ -1,0 +1,152 @@
+"""Measured dispatch (fastlora.tuning): the faster capable backend is chosen, a wrong one is excluded with a warning,
+decisions persist across processes and are dropped on a version change, and nothing is measured where a backend
+is asked for, with FASTLORA_TUNE=0, or while torch.compile traces."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import fastlora
+from fastlora import dispatch, tuning
+from fastlora.dispatch import Backend, register_op, unregister_op
+
+OP = "tuning_probe"
+
+
+@pytest.fixture
+def tuned(tmp_path, monkeypatch):
+    """Measuring on, decisions in a file of this test, and a probe op whose C++ and torch candidates both run."""
+    monkeypatch.setenv("FASTLORA_TUNE", "1")
+    monkeypatch.setenv("FASTLORA_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    register_op(OP, [Backend.CPP, Backend.TORCH])
+    native = dispatch._native_kernels()
+    monkeypatch.setattr(dispatch, "_native_kernels", lambda: native | {(OP, "cpu")})
+    dispatch._resolve_cached.cache_clear()
+    yield tmp_path / "tuning.json"
+    unregister_op(OP)
+
+
+def _probe(slow=(), wrong=(), calls=None):
+    """A run function: each backend returns x * 2 (``wrong`` ones x * 3), ``slow`` ones after 2 ms."""
+    x = torch.arange(8.0)
+
+    def run(b):
+        if calls is not None:
+            calls.append(b)
+        if b.value in slow:
+            time.sleep(0.002)
+        return x * (3 if b.value in wrong else 2)
+
+    return run
+
+
+def _choose(run, requested="auto", size=100):
+    return tuning.choose(OP, torch.device("cpu"), torch.float32, requested, size, run, tuning.close(torch.float32))
+
+
+def test_the_faster_candidate_wins_either_way(tuned):
+    assert _choose(_probe(slow=("torch",))) is Backend.CPP
+    assert _choose(_probe(slow=("cpp",)), size=10_000) is Backend.TORCH  # another bucket, another decision
+    decisions = tuning.tuner().decisions()
+    assert len(decisions) == 2
+    fast, slow = sorted(decisions.values(), key=lambda m: m.backend)
+    assert fast.times_us["torch"] > 1000 > fast.times_us["cpp"] and slow.times_us["cpp"] > 1000
+
+
+def test_a_wrong_candidate_is_excluded_with_a_warning(tuned, caplog):
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        assert _choose(_probe(slow=("torch",), wrong=("cpp",))) is Backend.TORCH
+    assert any("cpp excluded" in r.getMessage() and "differs from the reference" in r.getMessage()
+               for r in caplog.records)
+    (m,) = tuning.tuner().decisions().values()
+    assert "cpp" in m.excluded and "cpp" not in m.times_us
+
+
+def test_a_decision_is_measured_once_and_reused(tuned):
+    calls = []
+    assert _choose(_probe(slow=("torch",), calls=calls)) is Backend.CPP
+    measured = len(calls)
+    assert measured >= 2 * tuning.MIN_REPEATS
+    assert _choose(_probe(slow=("cpp",), calls=calls)) is Backend.CPP  # the same bucket: the kept decision
+    assert len(calls) == measured
+
+
+def test_decisions_persist_and_a_version_change_drops_them(tuned, monkeypatch):
+    _choose(_probe(slow=("torch",)))
+    stored = json.loads(tuned.read_text())
+    assert stored["versions"]["fastlora"] == fastlora.__version__ and len(stored["decisions"]) == 1
+    assert len(tuning.Tuner(tuned).decisions()) == 1  # a new process reads it back
+    monkeypatch.setattr(tuning, "_versions", lambda: {"torch": "0", "triton": "0", "fastlora": "0"})
+    assert tuning.Tuner(tuned).decisions() == {}
+
+
+def test_nothing_is_measured_when_a_backend_is_asked_for_or_tuning_is_off(tuned, monkeypatch):
+    calls = []
+    run = _probe(calls=calls)
+    assert _choose(run, requested="torch") is Backend.TORCH
+    with fastlora.use_backend(**{OP: "torch"}):
+        assert _choose(run) is Backend.TORCH
+    monkeypatch.setenv(f"FASTLORA_BACKEND_{OP.upper()}", "torch")
+    assert _choose(run) is Backend.TORCH
+    monkeypatch.delenv(f"FASTLORA_BACKEND_{OP.upper()}")
+    monkeypatch.setenv("FASTLORA_TUNE", "0")
+    assert _choose(run) is Backend.CPP  # the static table's first capable candidate
+    monkeypatch.setenv("FASTLORA_TUNE", "1")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _choose(run) is Backend.CPP
+    assert calls == [] and not tuned.exists()
+
+
+def test_threads_racing_to_the_first_call_measure_once(tuned):
+    calls = []
+    run = _probe(slow=("torch",), calls=calls)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_choose(run))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [Backend.CPP] * 4
+    assert calls.count(Backend.TORCH) <= 1 + tuning.MAX_REPEATS + 1  # one measurement: reference, warm-up, repeats
+
+
+def test_swiglu_on_a_cpu_is_tuned_and_another_process_reuses_the_decision(tuned):
+    """The real op: its C++ kernel and the reference timed on this CPU, the output still right, and a fresh
+    interpreter with the same cache file decides the same without measuring."""
+    if Backend.CPP not in dispatch.capable_backends("swiglu", "cpu", torch.float32):
+        pytest.skip("the native extension did not build here: one candidate, nothing to tune")
+    gate, up = torch.randn(4096), torch.randn(4096)
+    from fastlora.ops.swiglu import swiglu_reference
+
+    torch.testing.assert_close(fastlora.swiglu(gate, up), swiglu_reference(gate, up))
+    (key, m), = tuning.tuner().decisions().items()
+    assert key.startswith("swiglu.fwd|cpu:") and set(m.times_us) == {"cpp", "torch"} and not m.excluded
+    code = ("import torch, fastlora; from fastlora import tuning; "
+            "fastlora.swiglu(torch.randn(4096), torch.randn(4096)); "
+            f"print(tuning.tuner().decisions()[{key!r}].backend)")
+    env = {**os.environ, "FASTLORA_TUNE": "1", "FASTLORA_TUNING_CACHE": str(tuned)}
+    env.pop("TRITON_INTERPRET", None)
+    before = tuned.stat().st_mtime_ns
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == m.backend
+    assert tuned.stat().st_mtime_ns == before  # read, not measured and written again
+
+
+def test_nf4_dequantize_is_tuned_with_equality_as_its_check(tuned):
+    if Backend.CPP not in dispatch.capable_backends("nf4_dequantize", "cpu", torch.float32):
+        pytest.skip("the native extension did not build here: one candidate, nothing to tune")
+    w = fastlora.quantize_nf4(torch.randn(64, 128))
+    with fastlora.use_backend(nf4_dequantize="torch"):
+        want = fastlora.dequantize_nf4(w)  # asked for: not tuned
+    assert tuning.tuner().decisions() == {}
+    assert torch.equal(fastlora.dequantize_nf4(w), want)
+    (key, m), = tuning.tuner().decisions().items()
+    assert key.startswith("nf4_dequantize|cpu:") and set(m.times_us) == {"cpp", "torch"} and not m.excluded
