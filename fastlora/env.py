@@ -62,11 +62,22 @@ def collect(device: torch.device | str | None = None) -> dict[str, object]:
         "native": {"loaded": _native.how_loaded(), "error": _native.load_error(),
                    "kernels": sorted(f"{op}:{dev}" for op, dev in _native.kernels())},
         "ops": ops,
+        "tuning": _tuning(),
         "checks": checks,
         "warnings": _warnings(info),
         "errors": errors,
         "ok": not errors,
     }
+
+
+def _tuning() -> dict[str, object]:
+    """The measured decisions kept so far (fastlora.tuning), with their timings."""
+    from . import tuning
+
+    t = tuning.tuner()
+    return {"enabled": tuning.enabled(), "cache": str(t.path),
+            "decisions": {k: {"backend": m.backend, "times_us": m.times_us, "excluded": m.excluded}
+                          for k, m in sorted(t.decisions().items())}}
 
 
 def _run_checks(ops: list[dict], info: DeviceInfo) -> list[dict[str, object]]:
@@ -141,6 +152,16 @@ def format_report(r: dict) -> str:
         lines.append(f"  {o['op']:<{op_width}}{o['backend'] or 'ERROR':<8}{reason}")
         for backend, why in o["rejected"]:
             lines.append(f"  {'':<{op_width}}{'':<8}passed over {backend}: {why}")
+    tuned = r.get("tuning")
+    if tuned:
+        state = f"on, kept in {tuned['cache']}" if tuned["enabled"] else "off (FASTLORA_TUNE=0): the table above"
+        lines += ["", f"Measured choices ({state})"]
+        for key, m in tuned["decisions"].items():
+            times = ", ".join(f"{b} {t} us" for b, t in m["times_us"].items())
+            excluded = "".join(f"; {b} excluded: {why}" for b, why in m["excluded"].items())
+            lines.append(f"  {key}  ->  {m['backend']}  ({times}{excluded})")
+        if not tuned["decisions"]:
+            lines.append("  none yet: each op is timed on this device at its first call of a new size")
     if r["checks"]:
         lines += ["", "Checks"]
         for c in r["checks"]:

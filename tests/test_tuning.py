@@ -150,3 +150,14 @@ def test_nf4_dequantize_is_tuned_with_equality_as_its_check(tuned):
     assert torch.equal(fastlora.dequantize_nf4(w), want)
     (key, m), = tuning.tuner().decisions().items()
     assert key.startswith("nf4_dequantize|cpu:") and set(m.times_us) == {"cpp", "torch"} and not m.excluded
+
+
+def test_env_lists_the_measured_choices(tuned):
+    from fastlora.env import collect, format_report
+
+    _choose(_probe(slow=("torch",)))
+    report = collect("cpu")
+    (key, decision), = report["tuning"]["decisions"].items()
+    assert key.startswith(f"{OP}|cpu:") and decision["backend"] == "cpp"
+    assert set(decision["times_us"]) == {"cpp", "torch"}
+    assert f"{key}  ->  cpp" in format_report(report)
