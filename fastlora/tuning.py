@@ -184,17 +184,19 @@ def _choose(op: str, device: torch.device, dtype: torch.dtype, requested: Backen
     name = f"{op}.{part}" if part else op
     key = f"{name}|{_device_name(device)}|{str(dtype).removeprefix('torch.')}|{bucket(size)}"
     t = tuner()
-    known = t.get(key)
-    if known is not None:
-        return Backend(known.backend)
+    # Asked once per key and process: it also loads what a backend needs (the native extension), and a kept
+    # decision for a backend that cannot run here now (an extension that no longer builds) is measured afresh.
     candidates = capable_backends(op, device, dtype)
+    known = t.get(key)
+    if known is not None and Backend(known.backend) in candidates:
+        return Backend(known.backend)
     if len(candidates) < 2:
         return candidates[0]
     if torch.compiler.is_compiling() or _capturing(torch.device(device)):
         return None
     with t._lock:  # one measurement per key, even when threads race to the first call
         known = t.get(key)
-        if known is not None:
+        if known is not None and Backend(known.backend) in candidates:
             return Backend(known.backend)
         static = decide(op, device, dtype, requested).backend
         measurement = _measure(op, key, candidates, static, torch.device(device), run, same)

@@ -152,6 +152,29 @@ def test_nf4_dequantize_is_tuned_with_equality_as_its_check(tuned):
     assert key.startswith("nf4_dequantize|cpu:") and set(m.times_us) == {"cpp", "torch"} and not m.excluded
 
 
+def test_a_kept_decision_loads_what_its_backend_needs_in_a_new_process(tuned):
+    """A decision read from the file, in a process that has not asked the dispatcher anything yet, must still find
+    the native extension loaded (it was not, and the C++ op was missing); one for a backend that cannot run here is
+    measured again."""
+    if Backend.CPP not in dispatch.capable_backends("nf4_dequantize", "cpu", torch.float32):
+        pytest.skip("the native extension did not build here")
+    key = f"nf4_dequantize|{tuning._device_name('cpu')}|float32|2**13"
+    tuned.write_text(json.dumps({"versions": tuning._versions(), "decisions": {
+        key: {"backend": "cpp", "times_us": {"cpp": 1.0, "torch": 2.0}, "excluded": {}, "spent_s": 0.0}}}))
+    code = ("import torch, fastlora; w = fastlora.quantize_nf4(torch.randn(64, 128)); "
+            "print(fastlora.dequantize_nf4(w).shape)")
+    env = {**os.environ, "FASTLORA_TUNE": "1", "FASTLORA_TUNING_CACHE": str(tuned)}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(tuned.read_text())["decisions"][key]["times_us"] == {"cpp": 1.0, "torch": 2.0}  # kept
+    stale_key = f"{OP}|{tuning._device_name('cpu')}|float32|2**7"
+    tuned.write_text(json.dumps({"versions": tuning._versions(), "decisions": {
+        stale_key: {"backend": "cuda", "times_us": {"cuda": 1.0}, "excluded": {}, "spent_s": 0.0}}}))
+    tuning._TUNERS.clear()
+    assert _choose(_probe(slow=("torch",))) is Backend.CPP  # cuda cannot run here: measured again
+
+
 def test_env_lists_the_measured_choices(tuned):
     from fastlora.env import collect, format_report
 
