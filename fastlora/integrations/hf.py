@@ -81,10 +81,11 @@ class FastLoRACallback(TrainerCallback):
         who = shadowing_forward(self._hf)
         if who is not None and any(c.op == "loss" for c in self.report.counters):
             self._explained.add("loss")
+            trl = " (TRL's head is itself a chunked kernel that never makes the full logits)" \
+                if who.startswith("TRL") else ""
             logger.warning("FastLoRACallback: %s replaces the model's forward, so fastlora's loss does not run in "
-                           "this training; fastlora's other patches do, inside that forward. (TRL's head is itself "
-                           "a chunked kernel that never makes the full logits.) FastLoRACallback(loss=None) leaves "
-                           "the loss to the trainer without this warning", who)
+                           "this training; fastlora's other patches do, inside that forward%s. "
+                           "FastLoRACallback(loss=None) leaves the loss to the trainer without this warning", who, trl)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step != 1 or self.report is None or self.report.undone:

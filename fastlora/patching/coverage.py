@@ -4,8 +4,8 @@ to the original code, and why.
 A patch that reports "patched" proves nothing about what runs: a trainer may call its own forward around the model
 (TRL's fused head), a wrapper may strip a weight's quantization state (FSDP2), a library may repack a weight
 (bitsandbytes on a CPU). So each patched module counts its calls. A fallback with an unexpected reason logs one
-warning per reason and model (logger ``fastlora``); calls with nothing to fuse (adapters disabled or merged, no
-labels) are counted apart and never warn.
+warning per reason and model (logger ``fastlora``); calls with nothing to fuse (adapters disabled or merged) are
+counted apart and never warn. A forward without labels computes no loss, so the loss counts nothing then.
 """
 
 from __future__ import annotations
