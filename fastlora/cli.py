@@ -1,5 +1,5 @@
-"""The `fastlora` command: `fastlora demo` (train unpatched vs patched), `fastlora env` (setup report) and
-`fastlora bench` (kernel benchmarks)."""
+"""The `fastlora` command: `fastlora demo` (train unpatched vs patched), `fastlora env` (setup report),
+`fastlora tune` (measured dispatch ahead of a run) and `fastlora bench` (kernel benchmarks)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                       help="what the model trains in (default: bfloat16 or float16 on a GPU, float32 on a CPU)")
 
+    tune = sub.add_parser("tune", help="measure each op's backends at a model's shapes ahead of a run (the "
+                                       "decisions are kept on disk and used by later runs)")
+    tune.add_argument("--config", default=None, help="tiny (CPU default), small or 8b: a Llama-architecture model "
+                                                     "with random weights")
+    tune.add_argument("--model", default=None, help="a local transformers model directory instead")
+    tune.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64; 2048 on a GPU)")
+    tune.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 4; 2 on a GPU)")
+    tune.add_argument("--no-4bit", action="store_true", help="keep the base weights dense")
+    tune.add_argument("--device", default=None, help="device (default: CUDA if present, else CPU)")
+    tune.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                      help="what the model trains in (default: the device's compute dtype)")
+
     bench = sub.add_parser("bench", help="benchmark the kernels against torch, torch.compile and peers")
     argv = sys.argv[1:] if argv is None else argv
     # The harness is imported only for `bench`, so that `env` keeps working when it cannot be.
@@ -51,7 +63,44 @@ def main(argv: list[str] | None = None) -> int:
         return _env(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "tune":
+        return _tune(args)
     return bench_cli.run(args)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    """One patched training step of the model at the given shapes with measuring on: every op meets its sizes once,
+    and the decisions made are printed (they are kept in the tuning file for later runs)."""
+    import torch
+
+    from . import tuning
+    from .demo import build_model
+    from .device import device_info, parse_dtype
+    from .patching import patch
+
+    if not tuning.enabled():
+        print("fastlora tune: FASTLORA_TUNE=0 is set, so nothing would be measured", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    dtype = parse_dtype(args.dtype) if args.dtype else device_info(device).compute_dtype
+    model, _, what = build_model(args.config or ("8b" if gpu else "tiny"), device, dtype, four_bit=not args.no_4bit,
+                                 seed=0, model_path=args.model)
+    patch(model)
+    model.train()
+    vocab = model.get_base_model().config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch_size or (2 if gpu else 4), args.seq_len or (2048 if gpu else 64)),
+                        device=device)
+    before = set(tuning.tuner().decisions())
+    model(input_ids=ids, labels=ids).loss.backward()
+    new = {k: m for k, m in tuning.tuner().decisions().items() if k not in before}
+    print(f"fastlora tune: {what}, {tuple(ids.shape)} tokens, {str(dtype).removeprefix('torch.')}; "
+          f"{len(new)} new decisions in {tuning.tuner().path}")
+    for key, m in sorted(new.items()):
+        times = ", ".join(f"{b} {t} us" for b, t in m.times_us.items())
+        excluded = "".join(f"; {b} excluded: {why}" for b, why in m.excluded.items())
+        print(f"  {key}  ->  {m.backend}  ({times}{excluded})")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -184,3 +184,16 @@ def test_env_lists_the_measured_choices(tuned):
     assert key.startswith(f"{OP}|cpu:") and decision["backend"] == "cpp"
     assert set(decision["times_us"]) == {"cpp", "torch"}
     assert f"{key}  ->  cpp" in format_report(report)
+
+
+def test_fastlora_tune_measures_a_models_shapes_ahead_of_a_run(tuned, capsys, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from fastlora.cli import main
+
+    assert main(["tune", "--config", "tiny", "--seq-len", "16", "--batch-size", "2", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    decisions = tuning.tuner().decisions()
+    assert decisions and any(k.startswith("nf4_dequantize|") for k in decisions)
+    assert f"{len(decisions)} new decisions" in out and "nf4_dequantize|" in out
+    monkeypatch.setenv("FASTLORA_TUNE", "0")
+    assert main(["tune", "--config", "tiny"]) == 2
