@@ -19,54 +19,14 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import KernelInterface
 
-TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32), "sm75": GPUTarget("cuda", 75, 32)}
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
-          torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+from fastlora.benchmarks.static.compile import capture, compile_launch, root_cause
+
+TARGETS = ("sm90", "sm80", "sm75")
 # Global loads, direct or asynchronous into shared memory (pipelined loops on sm_80+), and stores, in the PTX
 # text: static instruction counts per variant, not dynamic ones.
 _LOADS = r"(?:ld\.global|cp\.async\.\w+\.shared\.global)[\w.]*"
 _STORES = r"st\.global[\w.]*"
-_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
-# Constexprs a launcher sets from the device it sees (CPU here), with the value it gives on a GPU.
-_ON_GPU = {"DOT_FP32": False}
-
-
-def _capture(calls: list) -> Callable:
-    def getitem(self: KernelInterface, grid: object) -> Callable:
-        def launch(*args: object, **kwargs: object) -> None:
-            calls.append((self, args, kwargs))
-        return launch
-    return getitem
-
-
-def _source(fn: object, args: tuple, kwargs: dict) -> tuple[ASTSource, dict]:
-    values = dict(zip(fn.arg_names, args, strict=False))
-    values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-    signature, constexprs, attrs = {}, {}, {}
-    for i, p in enumerate(fn.params):
-        v = _ON_GPU.get(p.name, values[p.name]) if p.name in values else p.default
-        if p.is_constexpr:
-            signature[p.name], constexprs[p.name] = "constexpr", v
-            continue
-        if isinstance(v, torch.Tensor):
-            signature[p.name], aligned = "*" + _TYPES[v.dtype], v.data_ptr() % 16 == 0
-        elif isinstance(v, bool):
-            signature[p.name], aligned = "i1", False
-        elif isinstance(v, int):
-            signature[p.name], aligned = ("i32" if -2**31 <= v < 2**31 else "i64"), v % 16 == 0
-        elif isinstance(v, float):
-            signature[p.name], aligned = "fp32", False
-        else:
-            raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(v).__name__}")
-        if aligned:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), options
 
 
 def _cases() -> list[tuple[str, bool, Callable[[], None]]]:
@@ -145,32 +105,18 @@ def _cases() -> list[tuple[str, bool, Callable[[], None]]]:
     return cases
 
 
-def _root_cause(e: BaseException) -> str:
-    """The innermost exception's message: a CompilationError wraps its cause in the source excerpts."""
-    messages = []
-    while e is not None:
-        messages.append(f"{type(e).__name__}: {str(e)[-1500:]}")
-        e = e.__cause__ or e.__context__
-    return "\n...\n".join(messages[-2:])
-
-
 def main() -> int:
-    calls: list = []
-    KernelInterface.__getitem__ = _capture(calls)
     report = []
     for name, turing, launch in _cases():
-        calls.clear()
-        launch()
-        for kernel, args, kwargs in calls:
-            source, options = _source(kernel, args, kwargs)
-            for target_name, target in TARGETS.items():
-                if target_name == "sm75" and not turing:
+        for call in capture(launch):
+            for target in TARGETS:
+                if target == "sm75" and not turing:
                     continue
-                row = {"case": name, "kernel": kernel.__name__, "target": target_name}
+                row = {"case": name, "kernel": call.name, "target": target}
                 try:
-                    ptx = triton.compile(source, target=target, options=options).asm["ptx"]
+                    ptx = compile_launch(call, target).asm["ptx"]
                 except Exception as e:  # the report says which variant failed and why
-                    row.update(ok=False, error=_root_cause(e))
+                    row.update(ok=False, error=root_cause(e))
                 else:
                     loads, stores = Counter(re.findall(_LOADS, ptx)), Counter(re.findall(_STORES, ptx))
                     row.update(ok=True, loads=loads, stores=stores)
