@@ -28,25 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a small LoRA model unpatched, then patched, and compare")
     demo.add_argument("--steps", type=int, default=20, help="training steps per run (default 20)")
     demo.add_argument("--size", default=None, help="tiny (CPU default), small, or 8b (GPU default; random weights)")
-    demo.add_argument("--model", default=None, help="a local transformers model directory to fine-tune instead")
-    demo.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 4; 2 on a GPU)")
-    demo.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64; 2048 on a GPU)")
-    demo.add_argument("--no-4bit", action="store_true", help="keep the base weights dense")
-    demo.add_argument("--device", default=None, help="device (default: CUDA if present, else CPU)")
-    demo.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                      help="what the model trains in (default: bfloat16 or float16 on a GPU, float32 on a CPU)")
+    _model_arguments(demo)
 
     tune = sub.add_parser("tune", help="measure each op's backends at a model's shapes ahead of a run (the "
                                        "decisions are kept on disk and used by later runs)")
     tune.add_argument("--config", default=None, help="tiny (CPU default), small or 8b: a Llama-architecture model "
                                                      "with random weights")
-    tune.add_argument("--model", default=None, help="a local transformers model directory instead")
-    tune.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64; 2048 on a GPU)")
-    tune.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 4; 2 on a GPU)")
-    tune.add_argument("--no-4bit", action="store_true", help="keep the base weights dense")
-    tune.add_argument("--device", default=None, help="device (default: CUDA if present, else CPU)")
-    tune.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                      help="what the model trains in (default: the device's compute dtype)")
+    _model_arguments(tune)
 
     bench = sub.add_parser("bench", help="benchmark the kernels against torch, torch.compile and peers")
     argv = sys.argv[1:] if argv is None else argv
@@ -101,6 +89,18 @@ def _tune(args: argparse.Namespace) -> int:
         excluded = "".join(f"; {b} excluded: {why}" for b, why in m.excluded.items())
         print(f"  {key}  ->  {m.backend}  ({times}{excluded})")
     return 0
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and batch options `demo` and `tune` share."""
+    parser.add_argument("--model", default=None, help="a local transformers model directory instead")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 4; 2 on a GPU)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64; 2048 on a GPU)")
+    parser.add_argument("--no-4bit", action="store_true", help="keep the base weights dense")
+    parser.add_argument("--device", default=None, help="device (default: CUDA if present, else CPU)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="what the model trains in (default: the device's compute dtype, bfloat16 or float16 "
+                             "on a GPU, float32 on a CPU)")
 
 
 def _demo(args: argparse.Namespace) -> int:
