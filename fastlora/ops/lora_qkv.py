@@ -154,7 +154,7 @@ def _forward(x: torch.Tensor, bases: Sequence[Base], biases: list[torch.Tensor |
     out_cols = blocks([b.shape[0] for b in B])
     y = empty((x.shape[0], out_cols[-1].stop), dtype=cd, device=x.device)
     for cols, sl, base, b, s, bias in zip(out_cols, _slices(A), bases, B, scaling, biases, strict=True):
-        y[:, cols] = nf4_matmul(x, base, e1=xa[:, sl].contiguous(), e2=_scaled_b([b], [s], cd),
+        y[:, cols] = nf4_matmul(x, base, e1=xa[:, sl], e2=_scaled_b([b], [s], cd),
                                 bias=None if bias is None else bias.to(cd))
     return y, xa
 
@@ -172,7 +172,7 @@ def _backward(dy: torch.Tensor, bases: Sequence[Base], xa: torch.Tensor, x: torc
     if small:
         dx = None
         for i, cols in enumerate(blocks([b.shape[0] for b in B])):
-            term = _small_nf4_dx(dy[:, cols].contiguous(), bases[i], [masks[i]], [A[i]], [B[i]], [scaling[i]],
+            term = _small_nf4_dx(dy[:, cols], bases[i], [masks[i]], [A[i]], [B[i]], [scaling[i]],
                                  [dropout_p[i]])
             dx = term if dx is None else dx.add_(term)
     return dx, d_a, d_b

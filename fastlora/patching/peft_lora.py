@@ -110,7 +110,9 @@ _NF4_VIEWS: dict[int, tuple[weakref.ref, tuple, NF4Weight]] = {}  # by id(Params
 
 
 def _nf4_view(base_layer: torch.nn.Module, weight: torch.Tensor) -> NF4Weight:
-    state = getattr(weight, "quant_state", None) or getattr(base_layer, "quant_state", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None:  # stripped by a wrapper (FSDP2): the layer's own, as from_bnb reads it
+        state = getattr(base_layer, "quant_state", None)
     key = (weight.data_ptr(), id(state), state.absmax.data_ptr() if state is not None else None)
     cached = _NF4_VIEWS.get(id(weight))
     if cached is not None and cached[0]() is weight and cached[1] == key:
