@@ -12,6 +12,8 @@ transposed (a constexpr flag), with the LoRA term ``G A`` (``G = dY (s B)``) as 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -138,6 +140,14 @@ _CTAS_PER_SM = {9: {(16, False): 7, (16, True): 6, (64, False): 4, (64, True): 5
 _MIN_SLICE = 4 * 64
 
 
+@functools.cache
+def _gpu(device: torch.device) -> tuple[int, int]:
+    """(SM count, compute capability major) of a GPU, read once: launchers run on every projection of every step.
+    AMD GPUs take sm_80's CTA counts (major 0)."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, 0 if torch.version.hip else props.major
+
+
 def split_q(ctas: int, q: int, resident: int) -> int:
     """The slice of the reduction each program sums (``q`` itself: no split): as many slices as keep the grid
     within one wave of the CTAs the GPU holds at once (a 4096-wide output is 64 tiles of 64 at 16 rows: half of an
@@ -173,8 +183,7 @@ def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax
     bm = 16 if m <= 16 else 64
     tiles = triton.cdiv(m, bm) * triton.cdiv(p, 64)
     if gpu is None and x.is_cuda:
-        props = torch.cuda.get_device_properties(x.device)
-        gpu = (props.multi_processor_count, 0 if torch.version.hip else props.major)  # AMD: sm_80's counts
+        gpu = _gpu(x.device)
     resident = gpu[0] * _CTAS_PER_SM.get(gpu[1], _CTAS_PER_SM[8])[bm, trans_w] if gpu else 0
     q_split = q_split or split_q(tiles, q, resident)
     slices = triton.cdiv(q, q_split)
