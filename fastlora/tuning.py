@@ -21,7 +21,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ import torch
 from ._logging import logger
 from .dispatch import Backend, capable_backends, decide, is_auto
 
-#: Wall time one candidate may take to be timed, per key (after its warm-up); at least 3 repeats are made.
+#: Wall time one candidate may take to be timed, per key (after its warm-up); at least 3 rounds are made.
 BUDGET_S = 0.05
 MIN_REPEATS, MAX_REPEATS = 3, 25
 
@@ -127,19 +127,15 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _time_us(run: Callable[[], object], device: torch.device) -> float:
-    """Median wall time of ``run()`` in microseconds, within the budget (synchronised on a GPU)."""
-    times = []
-    deadline = time.perf_counter() + BUDGET_S
-    while len(times) < MIN_REPEATS or (len(times) < MAX_REPEATS and time.perf_counter() < deadline):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
+def _once_us(run: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one ``run()`` in microseconds (synchronised on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e6
 
 
 def choose(op: str, device: torch.device, dtype: torch.dtype, requested: Backend | str, size: int,
@@ -166,64 +162,109 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, requested: Backend
     hit = _DECIDED.get(fast)
     if hit is not None:
         return hit
-    chosen = _choose(op, device, dtype, requested, size, run, same, part)
-    if chosen is not None:
-        _DECIDED[fast] = chosen
-        return chosen
-    return decide(op, device, dtype, requested).backend
-
-
-# Decisions made or read in this process, by (cache file, op, part, device, dtype, size bucket): a dict lookup per
-# call once decided (the key string, the tuner's lock and the device probe cost ~12 us a call).
-_DECIDED: dict[tuple, Backend] = {}
-
-
-def _choose(op: str, device: torch.device, dtype: torch.dtype, requested: Backend | str, size: int,
-            run: Callable[[Backend], object], same: Callable[[object, object], bool], part: str) -> Backend | None:
-    """The kept or measured decision; None where nothing may be measured now (then the static choice runs)."""
-    name = f"{op}.{part}" if part else op
-    key = f"{name}|{_device_name(device)}|{str(dtype).removeprefix('torch.')}|{bucket(size)}"
-    t = tuner()
-    # Asked once per key and process: it also loads what a backend needs (the native extension), and a kept
-    # decision for a backend that cannot run here now (an extension that no longer builds) is measured afresh.
+    # Asked once per key and process: it also loads what a backend needs (the native extension).
     candidates = capable_backends(op, device, dtype)
+    static = decide(op, device, dtype, requested).backend
+    # TORCH first: it is the reference every other candidate is checked against (register_op guarantees it).
+    names = [Backend.TORCH.value] + [b.value for b in candidates if b is not Backend.TORCH]
+    chosen = _decided(f"{op}.{part}" if part else op, device, dtype, bucket(size), names, static.value,
+                      lambda name: run(Backend(name)), same)
+    if chosen is None:
+        return static
+    _DECIDED[fast] = Backend(chosen)
+    return Backend(chosen)
+
+
+def choose_variant(op: str, device: torch.device, dtype: torch.dtype, shape: str,
+                   variants: Sequence[str], run: Callable[[str], object],
+                   same: Callable[[object, object], bool], *, tune: bool = True) -> str:
+    """Which of an op's ways of computing a call (its variants: a fused kernel or two steps, a wider branch, ...)
+    runs: the fastest that agrees with the first, measured once per key; the first where nothing may be measured.
+
+    Args:
+        op: the op (with its part, e.g. ``"lora_linear.train"``).
+        device, dtype: where and in what the call computes.
+        shape: the call's shape key (sizes that change the answer; bucket the ones that vary by call).
+        variants: the variants that can run here, the static choice first (also the reference of the check).
+        run: runs the call as a variant and returns its outputs; inputs untouched (torch's RNG is restored).
+        same: whether a variant's outputs match the first's within the op's tolerance.
+        tune: False when the caller asked for a backend (an explicit choice is never tuned).
+
+    Example:
+        >>> v = choose_variant("lora_linear.train", x.device, x.dtype, "2**8x128x344r16",
+        ...                    ["dense", "fp32_branch"], run, close_max(x.dtype))
+    """
+    static = variants[0]
+    if len(variants) < 2 or not tune or not enabled():
+        return static
+    fast = (os.environ.get("FASTLORA_TUNING_CACHE"), op, shape, device, dtype, tuple(variants))
+    hit = _DECIDED.get(fast)
+    if hit is not None:
+        return hit
+    chosen = _decided(op, device, dtype, shape, list(variants), static, run, same)
+    if chosen is None:
+        return static
+    _DECIDED[fast] = chosen
+    return chosen
+
+
+# Decisions made or read in this process, by (cache file, op, part or shape, device, dtype, ...): a dict lookup per
+# call once decided (the key string, the tuner's lock and the device probe cost ~12 us a call).
+_DECIDED: dict[tuple, object] = {}
+
+
+def _decided(name: str, device: torch.device, dtype: torch.dtype, shape: str, candidates: list[str], static: str,
+             run: Callable[[str], object], same: Callable[[object, object], bool]) -> str | None:
+    """The kept or measured choice among ``candidates`` (the first is the reference); None where nothing may be
+    measured now (then the static choice runs)."""
+    key = f"{name}|{_device_name(device)}|{str(dtype).removeprefix('torch.')}|{shape}"
+    t = tuner()
     known = t.get(key)
-    if known is not None and Backend(known.backend) in candidates:
-        return Backend(known.backend)
+    # A kept choice that cannot run here now (an extension that no longer builds) is measured afresh.
+    if known is not None and known.backend in candidates:
+        return known.backend
     if len(candidates) < 2:
         return candidates[0]
     if torch.compiler.is_compiling() or _capturing(torch.device(device)):
         return None
     with t._lock:  # one measurement per key, even when threads race to the first call
         known = t.get(key)
-        if known is not None and Backend(known.backend) in candidates:
-            return Backend(known.backend)
-        static = decide(op, device, dtype, requested).backend
-        measurement = _measure(op, key, candidates, static, torch.device(device), run, same)
+        if known is not None and known.backend in candidates:
+            return known.backend
+        measurement = _measure(key, candidates, static, torch.device(device), run, same)
         t.put(key, measurement)
-    return Backend(measurement.backend)
+    return measurement.backend
 
 
-def _measure(op: str, key: str, candidates: list[Backend], static: Backend, device: torch.device,
-             run: Callable[[Backend], object], same: Callable[[object, object], bool]) -> Measurement:
+def _measure(key: str, candidates: list[str], static: str, device: torch.device, run: Callable[[str], object],
+             same: Callable[[object, object], bool]) -> Measurement:
     start = time.perf_counter()
-    reference = run(Backend.TORCH)  # the reference is always a candidate (register_op guarantees it)
-    m = Measurement(static.value)
-    for b in candidates:
-        try:
-            out = run(b)  # the warm-up, and the output checked
-            if not same(out, reference):
-                raise ValueError("its result differs from the reference's")
-        except Exception as e:  # a broken kernel is excluded, never chosen
-            m.excluded[b.value] = str(e)[:200]
-            logger.warning("fastlora tuning: %s excluded for %s: %s", b.value, key, m.excluded[b.value])
-            continue
-        m.times_us[b.value] = round(_time_us(lambda b=b: run(b), device), 2)
+    m = Measurement(static)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # a candidate's dropout must not move the run's RNG
+        reference = run(candidates[0])
+        for c in candidates:
+            try:
+                out = reference if c == candidates[0] else run(c)  # the warm-up, and the output checked
+                if not same(out, reference):
+                    raise ValueError("its result differs from the reference's")
+            except Exception as e:  # a broken kernel is excluded, never chosen
+                m.excluded[c] = str(e)[:200]
+                logger.warning("fastlora tuning: %s excluded for %s: %s", c, key, m.excluded[c])
+        timed = {c: [] for c in candidates if c not in m.excluded}
+        # In rounds, each candidate once per round: a machine that slows down for a while slows them all alike.
+        deadline = time.perf_counter() + BUDGET_S * len(timed)
+        rounds = 0
+        while timed and (rounds < MIN_REPEATS or (rounds < MAX_REPEATS and time.perf_counter() < deadline)):
+            for c, times in timed.items():
+                times.append(_once_us(lambda c=c: run(c), device))
+            rounds += 1
+    m.times_us = {c: round(statistics.median(times), 2) for c, times in timed.items()}
     if m.times_us:
         m.backend = min(m.times_us, key=m.times_us.get)
     m.spent_s = round(time.perf_counter() - start, 4)
     logger.info("fastlora tuning: %s -> %s (%s; %.3f s spent)", key, m.backend,
-                ", ".join(f"{b} {t} us" for b, t in m.times_us.items()), m.spent_s)
+                ", ".join(f"{c} {t} us" for c, t in m.times_us.items()), m.spent_s)
     return m
 
 
@@ -244,5 +285,26 @@ def close(dtype: torch.dtype, ulps: float = 4.0) -> Callable[[object, object], b
         return len(got) == len(ref) and all(
             g.shape == r.shape and g.dtype == r.dtype and torch.allclose(g.float(), r.float(), rtol=eps, atol=eps)
             for g, r in zip(got, ref, strict=True))
+
+    return same
+
+
+def close_max(dtype: torch.dtype, ulps: float = 8.0) -> Callable[[object, object], bool]:
+    """A self-check for variants that round differently (a branch in fp32 or in ``dtype``; another summation
+    order): each tensor within ``ulps`` units of ``dtype``'s precision of the reference's largest magnitude. A
+    miscompiled kernel's garbage is far outside it."""
+    eps = torch.finfo(dtype).eps * ulps
+
+    def within(g: torch.Tensor, r: torch.Tensor) -> bool:
+        if g.shape != r.shape or g.dtype != r.dtype or not bool(torch.isfinite(g).all()):
+            return False
+        if g.numel() == 0:
+            return True
+        g, r = g.float(), r.float()
+        return float((g - r).abs().max()) <= eps * float(r.abs().max())
+
+    def same(got: object, ref: object) -> bool:
+        got, ref = (got, ref) if isinstance(got, tuple | list) else ((got,), (ref,))
+        return len(got) == len(ref) and all(within(g, r) for g, r in zip(got, ref, strict=True))
 
     return same

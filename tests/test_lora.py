@@ -186,6 +186,34 @@ def test_low_precision_within_the_tolerance_rule(dtype, adapter_dtype, four_bit)
         assert_close_to_reference(got_b, b64.grad, bl.grad, ulps=2, name=f"{where} dB[{n}]")
 
 
+def _within_bf16_roundings(got, want, roundings, name):
+    """``got`` within a few bf16 roundings of ``want``'s largest magnitude (the two round at different steps)."""
+    bound = roundings * 2.0 ** -8 * float(want.float().abs().max())
+    err = float((got.float() - want.float()).abs().max())
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_fp32_branch_variant_has_peft_numerics(four_bit, monkeypatch):
+    """The FP32_BRANCH variant (bf16 activations, fp32 adapters) computes the LoRA branch in fp32, as PEFT does
+    without autocast: the output and dX within a rounding or two of PEFT's (each rounds the branch's term at a
+    different step), the adapters' gradients equal up to fp32 summation order."""
+    import fastlora.ops.lora as lora_ops
+
+    monkeypatch.setattr(lora_ops, "_variant", lambda *args: lora_ops.FP32_BRANCH)
+    layer, names = _peft_layer(ranks=(8, 4), bias=True, four_bit=four_bit, base_dtype=torch.bfloat16,
+                               adapter_dtype=torch.float32)
+    x = _x(torch.bfloat16, k=_k(four_bit))
+    want_y, want_dx, want_grads = _run(layer, names, x, layer)
+    y, dx, grads = _run(layer, names, x, lambda t: _fastlora_forward(layer, names, t))
+    assert y.dtype == dx.dtype == torch.bfloat16
+    _within_bf16_roundings(y, want_y, 2, "y")
+    _within_bf16_roundings(dx, want_dx, 3, "dx")
+    for key, want in want_grads.items():
+        assert grads[key].dtype == torch.float32
+        torch.testing.assert_close(grads[key], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=key)
+
+
 def test_frozen_base_and_no_grad():
     layer, names = _peft_layer()
     x = _x()
@@ -239,6 +267,14 @@ def test_opcheck():
     dy = torch.randn(7, N, generator=g)
     torch.library.opcheck(torch.ops.fastlora.lora_linear_bwd.default,
                           (dy, w, xa, x, [x, xd], [None, mask], A, B, [0.5, 2.0], [0.0, 0.3], [False, True], True))
+    # The branch in fp32 over bf16 activations (the FP32_BRANCH variant): XA comes back in fp32.
+    xb, wb = x.bfloat16(), w.bfloat16()
+    torch.library.opcheck(torch.ops.fastlora.lora_linear_fwd.default,
+                          (xb, wb, None, [xb], A[:1], B[:1], [0.5], [None], torch.float32))
+    y, xa = torch.ops.fastlora.lora_linear_fwd(xb, wb, None, [xb], A[:1], B[:1], [0.5], [None], torch.float32)
+    assert y.dtype == torch.bfloat16 and xa.dtype == torch.float32
+    torch.library.opcheck(torch.ops.fastlora.lora_linear_bwd.default,
+                          (dy.bfloat16(), wb, xa, xb, [xb], [None], A[:1], B[:1], [0.5], [0.0], [False], True))
 
 
 def test_compile_fullgraph():

@@ -1,5 +1,7 @@
 """fastlora.lora_qkv against three PEFT LoRA layers (dense and bitsandbytes 4-bit) sharing one input."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -77,6 +79,29 @@ def test_equals_three_peft_layers(bias, dropout, four_bit):
     assert_close_to_reference(dx, dx64, [r[1] for r in torch_runs], name="dx")
     for i, (got, exact) in enumerate(zip(grads, grads64, strict=True)):
         assert_grads_close_to_reference(got, exact, [r[2][i] for r in torch_runs])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_fp32_branch_variant_has_peft_numerics(dropout, monkeypatch):
+    """The FP32_BRANCH variant (bf16 activations, fp32 adapters) computes the three branches in fp32, as PEFT's
+    layers do without autocast: outputs and dX within a rounding or two of PEFT's, adapter gradients equal up to
+    fp32 summation order (the dropout masks are the same: drawn in the adapters' dtype, in PEFT's order)."""
+    qkv_ops = importlib.import_module("fastlora.ops.lora_qkv")  # the package's lora_qkv is the function
+    monkeypatch.setattr(qkv_ops, "_variant", lambda *args: qkv_ops.FP32_BRANCH)
+    layers = [make_peft_lora_layer(K, n, ranks=(4 + 2 * i,), dropout=dropout, bias=i == 0, seed=i,
+                                   base_dtype=torch.bfloat16, adapter_dtype=torch.float32)
+              for i, n in enumerate(SIZES)]
+    x = _x().bfloat16()
+    want, want_dx, want_grads = _run(layers, x, lambda t: [layer(t) for layer, _ in layers])
+    got, dx, grads = _run(layers, x, lambda t: _fastlora(layers, t))
+    for g, w, what in zip(got, want, "qkv", strict=True):
+        assert g.dtype == torch.bfloat16
+        bound = 2 * 2.0 ** -8 * float(w.float().abs().max())
+        assert float((g.float() - w.float()).abs().max()) <= bound, what
+    assert float((dx.float() - want_dx.float()).abs().max()) <= 4 * 2.0 ** -8 * float(want_dx.float().abs().max())
+    for g, w in zip(grads, want_grads, strict=True):
+        for key in w:
+            torch.testing.assert_close(g[key], w[key], rtol=1e-5, atol=1e-6 * float(w[key].abs().max()), msg=key)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
@@ -160,6 +185,15 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.fastlora.lora_qkv_bwd.default,
                               (dy, weights, xa, x, [x, xd, x], [None, mask, None], A, B, [0.5, 2.0, 1.0],
                                [0.0, 0.3, 0.0], True))
+    # The branch in fp32 over bf16 activations (the FP32_BRANCH variant): XA comes back in fp32.
+    xb, wb = x.bfloat16(), [w.bfloat16() for w in ws]
+    fwd = (xb, wb, biases, [xb, xb, xb], A, B, [0.5, 2.0, 1.0], torch.float32)
+    torch.library.opcheck(torch.ops.fastlora.lora_qkv_fwd.default, fwd)
+    y, xa = torch.ops.fastlora.lora_qkv_fwd(*fwd)
+    assert y.dtype == torch.bfloat16 and xa.dtype == torch.float32
+    torch.library.opcheck(torch.ops.fastlora.lora_qkv_bwd.default,
+                          (torch.randn(y.shape, generator=g).bfloat16(), wb, xa, xb, [xb, xb, xb], [None, None, None],
+                           A, B, [0.5, 2.0, 1.0], [0.0, 0.0, 0.0], True))
 
 
 def test_compile_fullgraph():

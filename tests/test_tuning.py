@@ -197,3 +197,78 @@ def test_fastlora_tune_measures_a_models_shapes_ahead_of_a_run(tuned, capsys, mo
     assert f"{len(decisions)} new decisions" in out and "nf4_dequantize|" in out
     monkeypatch.setenv("FASTLORA_TUNE", "0")
     assert main(["tune", "--config", "tiny"]) == 2
+
+
+def _variant_probe(slow=(), wrong=(), calls=None):
+    """A variant run function: every variant returns the same tensor (``wrong`` ones a different one) and draws
+    from torch's RNG; ``slow`` ones take 2 ms more."""
+    def run(v):
+        if calls is not None:
+            calls.append(v)
+        torch.rand(3)  # as a dropout would
+        if v in slow:
+            time.sleep(0.002)
+        return torch.arange(8.0) * (3 if v in wrong else 2)
+
+    return run
+
+
+def _choose_variant(run, variants=("static", "other"), **kwargs):
+    return tuning.choose_variant("probe.train", torch.device("cpu"), torch.float32, "2**4x8", list(variants), run,
+                                 tuning.close_max(torch.float32), **kwargs)
+
+
+def test_the_faster_variant_wins_and_the_rng_is_left_as_it_was(tuned):
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    assert _choose_variant(_variant_probe(slow=("static",))) == "other"
+    assert torch.equal(torch.rand(4), expected)  # measuring drew numbers, on a forked RNG
+    (m,) = tuning.tuner().decisions().values()
+    assert m.times_us["static"] > 2000 > m.times_us["other"]
+
+
+def test_a_wrong_variant_is_excluded_and_the_static_one_runs_when_nothing_may_be_measured(tuned, monkeypatch,
+                                                                                           caplog):
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        assert _choose_variant(_variant_probe(slow=("static",), wrong=("other",))) == "static"
+    assert any("other excluded" in r.getMessage() for r in caplog.records)
+    calls = []
+    run = _variant_probe(slow=("static",), calls=calls)
+    assert _choose_variant(run, variants=("a", "b"), tune=False) == "a"  # an explicit backend: never tuned
+    monkeypatch.setenv("FASTLORA_TUNE", "0")
+    assert _choose_variant(run, variants=("c", "d")) == "c"
+    assert calls == []
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "lora_qkv"])
+def test_layer_ops_measure_their_variants_in_training(tuned, op):
+    """bf16 activations with fp32 adapters can run the LoRA branch in either dtype: both are timed (forward and
+    backward) after agreeing, and the call runs the faster one, with the gradients it gives."""
+    import importlib
+
+    ops = importlib.import_module(f"fastlora.ops.{'lora' if op == 'lora_linear' else op}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 32, generator=g).bfloat16().requires_grad_(True)
+    sizes = (16,) if op == "lora_linear" else (16, 8, 8)
+    w = [torch.randn(n, 32, generator=g).bfloat16() for n in sizes]
+    A = [torch.randn(4, 32, generator=g).requires_grad_(True) for _ in sizes]
+    B = [torch.randn(n, 4, generator=g).requires_grad_(True) for n in sizes]
+
+    def step():
+        for t in (x, *A, *B):
+            t.grad = None
+        if op == "lora_linear":
+            y = (fastlora.lora_linear(x, w[0], A[0], B[0], 2.0),)
+        else:
+            y = fastlora.lora_qkv(x, w, A, B, [2.0] * 3)
+        sum(t.float().sum() for t in y).backward()
+        return [t.detach() for t in y] + [t.grad for t in (x, *A, *B)]
+
+    got = step()
+    (key, m), = tuning.tuner().decisions().items()
+    assert key.startswith(f"{op}.train|") and set(m.times_us) == {"dense", "fp32_branch"} and not m.excluded
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "_variant", lambda *args: m.backend)
+        want = step()
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

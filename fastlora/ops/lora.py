@@ -20,11 +20,12 @@ not the fp32 one PEFT computes without autocast.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from ..dispatch import Backend, would_run
+from ..dispatch import Backend, is_auto, would_run
+from ..tuning import bucket, choose_variant, close_max
 from ._autocast import autocast_disabled, autocast_dtype, autocast_off
 from ._library import call, define
 from ._workspace import workspace
@@ -60,25 +61,32 @@ def _scaled_b(B: Sequence[torch.Tensor], scaling: Sequence[float], dtype: torch.
     return torch.cat([b.to(dtype) * s for b, s in zip(B, scaling, strict=True)], dim=1)
 
 
-def _down(x: torch.Tensor, dropped: Sequence[torch.Tensor], A: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``XA`` ``[M, R]``: one GEMM when every adapter reads ``x`` itself."""
-    cd = x.dtype
+def _down(x: torch.Tensor, dropped: Sequence[torch.Tensor], A: Sequence[torch.Tensor],
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``XA`` ``[M, R]`` in ``dtype`` (default ``x``'s): one GEMM when every adapter reads ``x`` itself."""
+    cd = dtype or x.dtype
     if len(A) == 1:
-        return torch.mm(dropped[0], A[0].to(cd).t())
+        return torch.mm(dropped[0].to(cd), A[0].to(cd).t())
     if _same_input(x, dropped):
-        return torch.mm(x, torch.cat([a.to(cd) for a in A]).t())
-    return torch.cat([torch.mm(d, a.to(cd).t()) for d, a in zip(dropped, A, strict=True)], dim=1)
+        return torch.mm(x.to(cd), torch.cat([a.to(cd) for a in A]).t())
+    return torch.cat([torch.mm(d.to(cd), a.to(cd).t()) for d, a in zip(dropped, A, strict=True)], dim=1)
 
 
 def _lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dropped: list[torch.Tensor],
                      A: list[torch.Tensor], B: list[torch.Tensor], scaling: list[float],
-                     lora_bias: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+                     lora_bias: list[torch.Tensor | None],
+                     branch_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     cd = x.dtype
+    bd = branch_dtype or cd
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias.to(cd), x, weight.t())
-    xa = _down(x, dropped, A)
-    # Each adapter's up-projection accumulates into Y, its scaling as the GEMM's alpha: no scaled copy of B.
+    xa = _down(x, dropped, A, bd)
+    # Each adapter's up-projection accumulates into Y, its scaling as the GEMM's alpha: no scaled copy of B. A
+    # wider branch adds its term, rounded once (PEFT rounds it, then adds).
     for sl, b, s, lb in zip(_slices(A), B, scaling, lora_bias, strict=True):
-        y.addmm_(xa[:, sl], b.to(cd).t(), alpha=s)
+        if bd == cd:
+            y.addmm_(xa[:, sl], b.to(cd).t(), alpha=s)
+        else:
+            y.add_(torch.mm(xa[:, sl], b.to(bd).t()), alpha=s)
         if lb is not None:
             y.add_(lb.to(cd), alpha=s)
     return y, xa
@@ -99,19 +107,21 @@ def _slices(A: Sequence[torch.Tensor]) -> list[slice]:
     return blocks([a.shape[0] for a in A])
 
 
-def dropout(t: torch.Tensor, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def dropout(t: torch.Tensor, p: float, dtype: torch.dtype,
+            out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(dropped t, mask)``, ``(t, None)`` for p = 0. Drawn in the adapter's ``dtype``, as PEFT casts before its
-    dropout: the same random mask for the same RNG state."""
+    dropout: the same random mask for the same RNG state. The result in ``out_dtype`` (default ``t``'s)."""
     if p == 0:
         return t, None
     out, mask = torch.native_dropout(t.to(dtype), p, True)
-    return out.to(t.dtype), mask
+    return out.to(out_dtype or t.dtype), mask
 
 
-def dropout_inputs(x: torch.Tensor, A: Sequence[torch.Tensor],
-                   dropout_p: Sequence[float]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """Each adapter's input after its own dropout, and the masks."""
-    pairs = [dropout(x, p, a.dtype) for a, p in zip(A, dropout_p, strict=True)]
+def dropout_inputs(x: torch.Tensor, A: Sequence[torch.Tensor], dropout_p: Sequence[float],
+                   variant: str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Each adapter's input after its own dropout (kept in fp32 for the FP32_BRANCH ``variant``), and the masks."""
+    out_dtype = branch_dtype(variant)
+    pairs = [dropout(x, p, a.dtype, out_dtype) for a, p in zip(A, dropout_p, strict=True)]
     return [d for d, _ in pairs], [m for _, m in pairs]
 
 
@@ -136,29 +146,33 @@ def flat_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _lora_linear_fwd_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                           dropped: list[torch.Tensor], A: list[torch.Tensor], B: list[torch.Tensor],
-                          scaling: list[float], lora_bias: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+                          scaling: list[float], lora_bias: list[torch.Tensor | None],
+                          branch_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     rank = sum(a.shape[0] for a in A)
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], rank))
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], rank), dtype=branch_dtype or x.dtype)
 
 
 def _lora_linear_bwd(dy: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, x: torch.Tensor,
                      dropped: list[torch.Tensor], masks: list[torch.Tensor | None], A: list[torch.Tensor],
                      B: list[torch.Tensor], scaling: list[float], dropout_p: list[float], lora_bias: list[bool],
                      need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    cd = dy.dtype
+    cd, bd = dy.dtype, xa.dtype  # the branch ran in XA's dtype
     d_a, d_b, d_lb = [], [], []
     dy_sum = dy.sum(0, dtype=torch.float32) if any(lora_bias) else None
     dx = torch.mm(dy, weight) if need_dx else dy.new_empty((0,))
+    dy_b, x_b = dy.to(bd), x.to(bd)
     for i, (sl, a, b, s) in enumerate(zip(_slices(A), A, B, scaling, strict=True)):
-        g = torch.mm(dy, b.to(cd)).mul_(s)  # [M, r]: dY through s B
-        d_b.append(torch.mm(dy.t(), xa[:, sl]).mul_(s).to(b.dtype))
-        d_a.append(torch.mm(g.t(), dropped[i]).to(a.dtype))
-        d_lb.append((dy_sum * s).to(b.dtype) if lora_bias[i] else dy.new_empty((0,)))
+        g = torch.mm(dy_b, b.to(bd)).mul_(s)  # [M, r]: dY through s B
+        d_b.append(torch.mm(dy_b.t(), xa[:, sl]).mul_(s).to(b.dtype))
+        d_a.append(torch.mm(g.t(), x_b if dropped[i] is x else dropped[i].to(bd)).to(a.dtype))
+        d_lb.append((dy_sum * s).to(b.dtype) if lora_bias[i] else b.new_empty((0,)))
         if need_dx:
-            if masks[i] is None:
+            if masks[i] is None and bd == cd:
                 dx.addmm_(g, a.to(cd))
+            elif masks[i] is None:
+                dx.add_(torch.mm(g, a.to(bd)))
             else:  # the dropout's backward: its mask, and 1 / (1 - p)
-                dx.add_(torch.mm(g, a.to(cd)).mul_(masks[i]), alpha=1.0 / (1.0 - dropout_p[i]))
+                dx.add_(torch.mm(g, a.to(bd)).mul_(masks[i]), alpha=1.0 / (1.0 - dropout_p[i]))
     return dx, d_a, d_b, d_lb
 
 
@@ -173,7 +187,8 @@ def _lora_linear_bwd_fake(dy: torch.Tensor, weight: torch.Tensor, xa: torch.Tens
 
 
 define("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor[] dropped, Tensor[] A, Tensor[] B, "
-       "float[] scaling, Tensor?[] lora_bias) -> (Tensor, Tensor)", _lora_linear_fwd, _lora_linear_fwd_fake)
+       "float[] scaling, Tensor?[] lora_bias, ScalarType? branch_dtype=None) -> (Tensor, Tensor)",
+       _lora_linear_fwd, _lora_linear_fwd_fake)
 define("lora_linear_bwd(Tensor dy, Tensor weight, Tensor xa, Tensor x, Tensor[] dropped, Tensor?[] masks, "
        "Tensor[] A, Tensor[] B, float[] scaling, float[] dropout_p, bool[] lora_bias, bool need_dx) "
        "-> (Tensor, Tensor[], Tensor[], Tensor[])", _lora_linear_bwd, _lora_linear_bwd_fake)
@@ -186,14 +201,34 @@ def _small_nf4(base: torch.Tensor | NF4Weight, x: torch.Tensor) -> bool:
         would_run("nf4_matmul", Backend.TRITON, x.device, x.dtype)
 
 
+#: How a call can be computed. DENSE: GEMMs over the dense (or once dequantized) weight, the branch in the compute
+#: dtype; FUSED_NF4: a few rows over NF4 in one kernel reading the packed weight; FP32_BRANCH: DENSE with the LoRA
+#: branch in its fp32 adapters' dtype (PEFT's numerics without autocast; skinny half-precision GEMMs are slower
+#: than fp32 ones on some CPUs).
+DENSE, FUSED_NF4, FP32_BRANCH = "dense", "fused_nf4", "fp32_branch"
+
+
+def variants(base: torch.Tensor | NF4Weight, x: torch.Tensor, A: Sequence[torch.Tensor]) -> list[str]:
+    """The variants that can compute this call, the static choice first."""
+    out = [FUSED_NF4, DENSE] if _small_nf4(base, x) else [DENSE]
+    if x.dtype != torch.float32 and all(a.dtype == torch.float32 for a in A):
+        out.append(FP32_BRANCH)
+    return out
+
+
+def branch_dtype(variant: str | None) -> torch.dtype | None:
+    """The LoRA branch's dtype for a variant (None: the compute dtype)."""
+    return torch.float32 if variant == FP32_BRANCH else None
+
+
 def _forward(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None, dropped: list[torch.Tensor],
              A: list[torch.Tensor], B: list[torch.Tensor], scaling: list[float],
-             lora_bias: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Y, XA)``: for a few rows over NF4, one kernel reads the packed weight and adds the LoRA term; else
-    GEMMs over the dense (or once dequantized) weight."""
-    if not _small_nf4(base, x):
-        return call("lora_linear_fwd", x, _dense(base, x.dtype), bias, dropped, A, B, scaling,
-                    lora_bias)
+             lora_bias: list[torch.Tensor | None], variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Y, XA)`` by ``variant`` (default: the static choice)."""
+    variant = variant or variants(base, x, A)[0]
+    if variant != FUSED_NF4:
+        return call("lora_linear_fwd", x, _dense(base, x.dtype), bias, dropped, A, B, scaling, lora_bias,
+                    branch_dtype(variant))
     xa = _down(x, dropped, A)
     bias = None if bias is None else bias.to(x.dtype)
     y = nf4_matmul(x, base, e1=xa, e2=_scaled_b(B, scaling, x.dtype), bias=bias)
@@ -213,16 +248,17 @@ def _dense(base: torch.Tensor | NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """``apply(x [M, K], base, bias, scaling, dropout_p, n, *A, *B, *lora_bias)``; returns ``[M, N]``."""
+    """``apply(x [M, K], base, bias, scaling, dropout_p, n, variant, *A, *B, *lora_bias)``; returns ``[M, N]``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None,
-                scaling: tuple[float, ...], dropout_p: tuple[float, ...], n: int,
+                scaling: tuple[float, ...], dropout_p: tuple[float, ...], n: int, variant: str,
                 *adapters: torch.Tensor | None) -> torch.Tensor:
         A, B, lora_bias = list(adapters[:n]), list(adapters[n:2 * n]), list(adapters[2 * n:])
-        dropped, masks = dropout_inputs(x, A, dropout_p)
-        y, xa = _forward(x, base, bias, dropped, A, B, list(scaling), lora_bias)
+        dropped, masks = dropout_inputs(x, A, dropout_p, variant)
+        y, xa = _forward(x, base, bias, dropped, A, B, list(scaling), lora_bias, variant)
         ctx.base, ctx.n, ctx.scaling, ctx.dropout_p = base, n, list(scaling), list(dropout_p)
+        ctx.variant = variant
         ctx.has_lora_bias = [lb is not None for lb in lora_bias]
         ctx.bias_dtype = None if bias is None else bias.dtype
         save_adapters(ctx, xa, x, dropped, masks, A, B)
@@ -236,23 +272,25 @@ class LoRALinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         need_dx = ctx.needs_input_grad[0]
         dx, d_a, d_b, d_lb = _backward(dy, ctx.base, xa, x, dropped, masks, A, B, ctx.scaling, ctx.dropout_p,
-                                       ctx.has_lora_bias, need_dx)
-        needs = ctx.needs_input_grad[6:]
+                                       ctx.has_lora_bias, need_dx, ctx.variant)
+        needs = ctx.needs_input_grad[7:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
         grads += [g if has and need else None for g, has, need in zip(d_lb, ctx.has_lora_bias, needs[2 * n:],
                                                                        strict=True)]
         # A trainable base bias (PEFT's bias="all") is cheap to serve; the base weight never is.
         d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx if need_dx else None, None, d_bias, None, None, None, *grads
+        return dx if need_dx else None, None, d_bias, None, None, None, None, *grads
 
 
 def _backward(dy: torch.Tensor, base: torch.Tensor | NF4Weight, xa: torch.Tensor, x: torch.Tensor,
               dropped: list[torch.Tensor], masks: list[torch.Tensor | None], A: list[torch.Tensor],
               B: list[torch.Tensor], scaling: list[float], dropout_p: list[float], has_lora_bias: list[bool],
-              need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """``(dX, dA, dB, d lora_bias)`` of one layer: dX over the dense (or once dequantized) weight, or for a few rows
-    over NF4 from the packed weight (:func:`_small_nf4_dx`)."""
-    small = need_dx and _small_nf4(base, dy)
+              need_dx: bool, variant: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                                  list[torch.Tensor], list[torch.Tensor]]:
+    """``(dX, dA, dB, d lora_bias)`` of one layer by the forward's ``variant`` (default: the static choice): dX over
+    the dense (or once dequantized) weight, or for a few rows over NF4 from the packed weight
+    (:func:`_small_nf4_dx`); the branch in ``xa``'s dtype."""
+    small = need_dx and (variant == FUSED_NF4 if variant else _small_nf4(base, dy))
     weight = _dense(base, dy.dtype) if need_dx and not small else dy.new_empty((0, 0))
     dx, d_a, d_b, d_lb = call("lora_linear_bwd", dy, weight, xa, x, dropped, masks, A, B, scaling, dropout_p,
                               has_lora_bias, need_dx and not small)
@@ -329,12 +367,54 @@ def lora_linear(x: torch.Tensor, base: torch.Tensor | NF4Weight, A: torch.Tensor
     x2 = flat_input(x, cd)
     tensors = (x2, bias, *As, *Bs, *lbs)
     with autocast_disabled(x.device):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            y = LoRALinearFunction.apply(x2, base, bias, tuple(scalings), tuple(ps), n, *As, *Bs, *lbs)
+        train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        variant = _variant(x2, base, bias, As, Bs, scalings, ps, lbs, train)
+        if train:
+            y = LoRALinearFunction.apply(x2, base, bias, tuple(scalings), tuple(ps), n, variant, *As, *Bs, *lbs)
         else:
-            dropped, _ = dropout_inputs(x2, As, ps)
-            y, _ = _forward(x2, base, bias, dropped, As, Bs, scalings, lbs)
+            dropped, _ = dropout_inputs(x2, As, ps, variant)
+            y, _ = _forward(x2, base, bias, dropped, As, Bs, scalings, lbs, variant)
     return y.to(out_dtype).view(*x.shape[:-1], out_features)
+
+
+def _variant(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor | None, A: list[torch.Tensor],
+             B: list[torch.Tensor], scaling: list[float], dropout_p: list[float],
+             lora_bias: list[torch.Tensor | None], train: bool) -> str:
+    """The variant this call of ``lora_linear`` runs (:func:`measured_variant`)."""
+    n_out, k = base.shape
+    has_lb = [lb is not None for lb in lora_bias]
+
+    def run(variant: str, dy: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        dropped, masks = dropout_inputs(x, A, dropout_p, variant)
+        y, xa = _forward(x, base, bias, dropped, A, B, scaling, lora_bias, variant)
+        if dy is None:
+            return (y,)
+        dx, d_a, d_b, _ = _backward(dy, base, xa, x, dropped, masks, A, B, scaling, dropout_p, has_lb, True, variant)
+        return (y, dx, *d_a, *d_b)
+
+    return measured_variant("lora_linear", x, variants(base, x, A), f"{k}x{n_out}r{sum(a.shape[0] for a in A)}",
+                            (x.shape[0], n_out), run, train)
+
+
+def measured_variant(op: str, x: torch.Tensor, options: list[str], shape: str, out_shape: tuple[int, int],
+                     run: Callable[[str, torch.Tensor | None], tuple[torch.Tensor, ...]], train: bool) -> str:
+    """Which of a layer op's ``options`` (the static choice first) computes this call: where several can, the one
+    with the fastest forward (and backward, when training) on this device, measured once per shape and kept
+    (:func:`fastlora.tuning.choose_variant`). ``run(variant, dy)`` computes the call (its backward too when ``dy``
+    is given) without autograd and returns the outputs checked against the first option's. Under torch.compile
+    the static choice is traced (the measuring and its context variables stay out of graphs)."""
+    if len(options) < 2 or torch.compiler.is_compiling():
+        return options[0]
+    probe: list[torch.Tensor] = []
+
+    def timed(variant: str) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():  # not a decorator: this closure is made on every call, and runs only when measuring
+            if train and not probe:  # one upstream gradient for every variant, drawn under the measurement's RNG
+                probe.append(torch.randn(out_shape, dtype=x.dtype, device=x.device))
+            return run(variant, probe[0] if train else None)
+
+    return choose_variant(f"{op}.{'train' if train else 'infer'}", x.device, x.dtype,
+                          f"{bucket(x.shape[0])}x{shape}", options, timed, close_max(x.dtype), tune=is_auto(op))
 
 
 def gemm_dtypes(op: str, x: torch.Tensor, compute_dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:

@@ -23,6 +23,9 @@ from ._autocast import autocast_disabled, autocast_off
 from ._library import call, define
 from ._workspace import workspace
 from .lora import (
+    DENSE,
+    FP32_BRANCH,
+    FUSED_NF4,
     _check,
     _down,
     _scaled_b,
@@ -30,10 +33,12 @@ from .lora import (
     _small_nf4,
     _small_nf4_dx,
     blocks,
+    branch_dtype,
     dropout_inputs,
     flat_input,
     gemm_dtypes,
     lora_linear_reference,
+    measured_variant,
     save_adapters,
     saved_adapters,
 )
@@ -55,8 +60,9 @@ def lora_qkv_reference(x: torch.Tensor, weights: Sequence[torch.Tensor], A: Sequ
 
 def _lora_qkv_fwd(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
                   dropped: list[torch.Tensor], A: list[torch.Tensor], B: list[torch.Tensor],
-                  scaling: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                  scaling: list[float], branch_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     cd = x.dtype
+    bd = branch_dtype or cd
     out_cols = blocks([b.shape[0] for b in B])
     if len(weights) == 1:  # the three weights stacked: one GEMM
         y = torch.mm(x, weights[0].t())
@@ -64,9 +70,12 @@ def _lora_qkv_fwd(x: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
         y = empty((x.shape[0], out_cols[-1].stop), dtype=cd, device=x.device)
         for cols, w in zip(out_cols, weights, strict=True):
             torch.mm(x, w.t(), out=y[:, cols])
-    xa = _down(x, dropped, A)
+    xa = _down(x, dropped, A, bd)
     for cols, sl, b, s, bias in zip(out_cols, _slices(A), B, scaling, biases, strict=True):
-        y[:, cols].addmm_(xa[:, sl], b.to(cd).t(), alpha=s)
+        if bd == cd:
+            y[:, cols].addmm_(xa[:, sl], b.to(cd).t(), alpha=s)
+        else:  # a wider branch's term, rounded once
+            y[:, cols].add_(torch.mm(xa[:, sl], b.to(bd).t()), alpha=s)
         if bias is not None:
             y[:, cols].add_(bias.to(cd))
     return y, xa
@@ -74,23 +83,26 @@ def _lora_qkv_fwd(x: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
 
 def _lora_qkv_fwd_fake(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
                        dropped: list[torch.Tensor], A: list[torch.Tensor], B: list[torch.Tensor],
-                       scaling: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                       scaling: list[float],
+                       branch_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     n = sum(b.shape[0] for b in B)
-    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], sum(a.shape[0] for a in A)))
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], sum(a.shape[0] for a in A)),
+                                                     dtype=branch_dtype or x.dtype)
 
 
 def _lora_qkv_bwd(dy: torch.Tensor, weights: list[torch.Tensor], xa: torch.Tensor, x: torch.Tensor,
                   dropped: list[torch.Tensor], masks: list[torch.Tensor | None], A: list[torch.Tensor],
                   B: list[torch.Tensor], scaling: list[float], dropout_p: list[float],
                   need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    cd = dy.dtype
+    cd, bd = dy.dtype, xa.dtype  # the branch ran in XA's dtype
     out_cols = blocks([b.shape[0] for b in B])
     d_a, d_b, gs = [], [], []
+    dy_b, x_b = dy.to(bd), x.to(bd)
     for cols, sl, a, b, s, d in zip(out_cols, _slices(A), A, B, scaling, dropped, strict=True):
-        g = torch.mm(dy[:, cols], b.to(cd)).mul_(s)  # [M, r]
+        g = torch.mm(dy_b[:, cols], b.to(bd)).mul_(s)  # [M, r]
         gs.append(g)
-        d_b.append(torch.mm(dy[:, cols].t(), xa[:, sl]).mul_(s).to(b.dtype))
-        d_a.append(torch.mm(g.t(), d).to(a.dtype))
+        d_b.append(torch.mm(dy_b[:, cols].t(), xa[:, sl]).mul_(s).to(b.dtype))
+        d_a.append(torch.mm(g.t(), x_b if d is x else d.to(bd)).to(a.dtype))
     if not need_dx:
         return dy.new_empty((0,)), d_a, d_b
     if len(weights) == 1:
@@ -99,14 +111,18 @@ def _lora_qkv_bwd(dy: torch.Tensor, weights: list[torch.Tensor], xa: torch.Tenso
         dx = torch.mm(dy[:, out_cols[0]], weights[0])
         for cols, w in zip(out_cols[1:], weights[1:], strict=True):
             dx.addmm_(dy[:, cols], w)
-    if all(m is None for m in masks):
+    if all(m is None for m in masks) and bd == cd:
         dx.addmm_(torch.cat(gs, dim=1), torch.cat([a.to(cd) for a in A]))
+    elif all(m is None for m in masks):
+        dx.add_(torch.mm(torch.cat(gs, dim=1), torch.cat([a.to(bd) for a in A])))
     else:
         for g, a, mask, p in zip(gs, A, masks, dropout_p, strict=True):
-            if mask is None:
+            if mask is None and bd == cd:
                 dx.addmm_(g, a.to(cd))
+            elif mask is None:
+                dx.add_(torch.mm(g, a.to(bd)))
             else:
-                dx.add_(torch.mm(g, a.to(cd)).mul_(mask), alpha=1.0 / (1.0 - p))
+                dx.add_(torch.mm(g, a.to(bd)).mul_(mask), alpha=1.0 / (1.0 - p))
     return dx, d_a, d_b
 
 
@@ -119,7 +135,7 @@ def _lora_qkv_bwd_fake(dy: torch.Tensor, weights: list[torch.Tensor], xa: torch.
 
 
 define("lora_qkv_fwd(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor[] dropped, Tensor[] A, Tensor[] B, "
-       "float[] scaling) -> (Tensor, Tensor)", _lora_qkv_fwd, _lora_qkv_fwd_fake)
+       "float[] scaling, ScalarType? branch_dtype=None) -> (Tensor, Tensor)", _lora_qkv_fwd, _lora_qkv_fwd_fake)
 define("lora_qkv_bwd(Tensor dy, Tensor[] weights, Tensor xa, Tensor x, Tensor[] dropped, Tensor?[] masks, "
        "Tensor[] A, Tensor[] B, float[] scaling, float[] dropout_p, bool need_dx) -> (Tensor, Tensor[], Tensor[])",
        _lora_qkv_bwd, _lora_qkv_bwd_fake)
@@ -143,12 +159,24 @@ def _small(bases: Sequence[Base], x: torch.Tensor) -> bool:
     return all(_small_nf4(b, x) for b in bases)
 
 
+def variants(bases: Sequence[Base], x: torch.Tensor, A: Sequence[torch.Tensor]) -> list[str]:
+    """The variants that can compute this call, the static choice first (as :func:`fastlora.ops.lora.variants`)."""
+    out = [FUSED_NF4, DENSE] if _small(bases, x) else [DENSE]
+    if x.dtype != torch.float32 and all(a.dtype == torch.float32 for a in A):
+        out.append(FP32_BRANCH)
+    return out
+
+
 def _forward(x: torch.Tensor, bases: Sequence[Base], biases: list[torch.Tensor | None], dropped: list[torch.Tensor],
-             A: list[torch.Tensor], B: list[torch.Tensor], scaling: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Y, XA)``: GEMMs over the dense (or once dequantized) weights, or for a few rows over NF4 one kernel per
-    projection reading its packed weight, X read once for the down-projections either way."""
-    if not _small(bases, x):
-        return call("lora_qkv_fwd", x, _weights(bases, x.dtype), biases, dropped, A, B, scaling)
+             A: list[torch.Tensor], B: list[torch.Tensor], scaling: list[float],
+             variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Y, XA)`` by ``variant`` (default: the static choice): GEMMs over the dense (or once dequantized) weights,
+    or for a few rows over NF4 one kernel per projection reading its packed weight, X read once for the
+    down-projections either way."""
+    variant = variant or variants(bases, x, A)[0]
+    if variant != FUSED_NF4:
+        return call("lora_qkv_fwd", x, _weights(bases, x.dtype), biases, dropped, A, B, scaling,
+                    branch_dtype(variant))
     cd = x.dtype
     xa = _down(x, dropped, A)
     out_cols = blocks([b.shape[0] for b in B])
@@ -162,10 +190,12 @@ def _forward(x: torch.Tensor, bases: Sequence[Base], biases: list[torch.Tensor |
 def _backward(dy: torch.Tensor, bases: Sequence[Base], xa: torch.Tensor, x: torch.Tensor,
               dropped: list[torch.Tensor], masks: list[torch.Tensor | None], A: list[torch.Tensor],
               B: list[torch.Tensor], scaling: list[float], dropout_p: list[float],
-              need_dx: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """``(dX, dA, dB)``: dX over the dense (or once dequantized) weights, or for a few rows over NF4 the sum of the
-    projections' ``dY_i W_i`` and LoRA terms, each read from its packed weight."""
-    small = need_dx and _small(bases, dy)
+              need_dx: bool, variant: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                                  list[torch.Tensor]]:
+    """``(dX, dA, dB)`` by the forward's ``variant`` (default: the static choice): dX over the dense (or once
+    dequantized) weights, or for a few rows over NF4 the sum of the projections' ``dY_i W_i`` and LoRA terms, each
+    read from its packed weight; the branch in ``xa``'s dtype."""
+    small = need_dx and (variant == FUSED_NF4 if variant else _small(bases, dy))
     weights = _weights(bases, dy.dtype) if need_dx and not small else []
     dx, d_a, d_b = call("lora_qkv_bwd", dy, weights, xa, x, dropped, masks, A, B, scaling, dropout_p,
                         need_dx and not small)
@@ -179,16 +209,17 @@ def _backward(dy: torch.Tensor, bases: Sequence[Base], xa: torch.Tensor, x: torc
 
 
 class LoRAQKVFunction(torch.autograd.Function):
-    """``apply(x [M, K], bases, dropout_p, scaling, *A, *B, *biases)`` -> ``[M, Nq + Nk + Nv]``."""
+    """``apply(x [M, K], bases, dropout_p, scaling, variant, *A, *B, *biases)`` -> ``[M, Nq + Nk + Nv]``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bases: tuple[Base, ...], dropout_p: tuple[float, ...],
-                scaling: tuple[float, ...], *tensors: torch.Tensor | None) -> torch.Tensor:
+                scaling: tuple[float, ...], variant: str, *tensors: torch.Tensor | None) -> torch.Tensor:
         n = len(bases)
         A, B, biases = list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:])
-        dropped, masks = dropout_inputs(x, A, dropout_p)
-        y, xa = _forward(x, bases, biases, dropped, A, B, list(scaling))
+        dropped, masks = dropout_inputs(x, A, dropout_p, variant)
+        y, xa = _forward(x, bases, biases, dropped, A, B, list(scaling), variant)
         ctx.bases, ctx.scaling, ctx.dropout_p, ctx.n = bases, list(scaling), list(dropout_p), n
+        ctx.variant = variant
         ctx.bias_dtypes = [None if bias is None else bias.dtype for bias in biases]
         save_adapters(ctx, xa, x, dropped, masks, A, B)
         return y
@@ -200,13 +231,14 @@ class LoRAQKVFunction(torch.autograd.Function):
         xa, x, dropped, masks, A, B = saved_adapters(ctx, n)
         dy = dy.contiguous()
         need_dx = ctx.needs_input_grad[0]
-        dx, d_a, d_b = _backward(dy, ctx.bases, xa, x, dropped, masks, A, B, ctx.scaling, ctx.dropout_p, need_dx)
-        needs = ctx.needs_input_grad[4:]
+        dx, d_a, d_b = _backward(dy, ctx.bases, xa, x, dropped, masks, A, B, ctx.scaling, ctx.dropout_p, need_dx,
+                                 ctx.variant)
+        needs = ctx.needs_input_grad[5:]
         grads = [g if need else None for g, need in zip([*d_a, *d_b], needs[:2 * n], strict=True)]
         for cols, dtype, need in zip(blocks([b.shape[0] for b in B]), ctx.bias_dtypes, needs[2 * n:],
                                      strict=True):
             grads.append(dy[:, cols].sum(0, dtype=torch.float32).to(dtype) if need else None)
-        return dx if need_dx else None, None, None, None, *grads
+        return dx if need_dx else None, None, None, None, None, *grads
 
 
 def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], B: Sequence[torch.Tensor],
@@ -246,12 +278,31 @@ def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], 
     cd, out_dtype = gemm_dtypes("lora_qkv", x, compute_dtype)
     x2 = flat_input(x, cd)
     tensors = (*A, *B, *biases)
+    scalings = [float(s) for s in scaling]
     with autocast_disabled(x.device):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)):
-            y = LoRAQKVFunction.apply(x2, tuple(bases), tuple(ps), tuple(float(s) for s in scaling), *tensors)
+        train = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors))
+        variant = _variant(x2, bases, biases, list(A), list(B), scalings, ps, train)
+        if train:
+            y = LoRAQKVFunction.apply(x2, tuple(bases), tuple(ps), tuple(scalings), variant, *tensors)
         else:
-            dropped, _ = dropout_inputs(x2, A, ps)
-            y, _ = _forward(x2, bases, biases, dropped, list(A), list(B), [float(s) for s in scaling])
+            dropped, _ = dropout_inputs(x2, A, ps, variant)
+            y, _ = _forward(x2, bases, biases, dropped, list(A), list(B), scalings, variant)
     y = y.to(out_dtype)
     return tuple(y[:, cols].view(*x.shape[:-1], cols.stop - cols.start)
                  for cols in blocks([b.shape[0] for b in B]))
+
+
+def _variant(x: torch.Tensor, bases: Sequence[Base], biases: list[torch.Tensor | None], A: list[torch.Tensor],
+             B: list[torch.Tensor], scaling: list[float], dropout_p: list[float], train: bool) -> str:
+    """The variant this call of ``lora_qkv`` runs (:func:`fastlora.ops.lora.measured_variant`)."""
+    def run(variant: str, dy: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        dropped, masks = dropout_inputs(x, A, dropout_p, variant)
+        y, xa = _forward(x, bases, biases, dropped, A, B, scaling, variant)
+        if dy is None:
+            return (y,)
+        dx, d_a, d_b = _backward(dy, bases, xa, x, dropped, masks, A, B, scaling, dropout_p, True, variant)
+        return (y, dx, *d_a, *d_b)
+
+    n_out = sum(b.shape[0] for b in B)
+    shape = f"{x.shape[1]}x{'+'.join(str(b.shape[0]) for b in B)}r{'+'.join(str(a.shape[0]) for a in A)}"
+    return measured_variant("lora_qkv", x, variants(bases, x, A), shape, (x.shape[0], n_out), run, train)

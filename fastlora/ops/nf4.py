@@ -12,7 +12,7 @@ import torch
 from ..dispatch import Backend
 from ..kernels._utils import empty
 from ..tuning import choose
-from ._library import define
+from ._library import call, define
 from .nf4_weight import ABSMAX_BLOCKSIZE, NF4_CODE, NF4Weight
 
 _OP = "nf4_dequantize"
@@ -126,12 +126,12 @@ def dequantize_nf4(w: NF4Weight, *, dtype: torch.dtype | None = None, out: torch
     name = backend.value if isinstance(backend, Backend) else str(backend).lower()
     args = (w.data, w.absmax, w.absmax_code, w.absmax2, w.offset, w.blocksize, w.numel)
     if out is None:
-        return torch.ops.fastlora.nf4_dequantize(*args, dtype, name).view(w.shape)
+        return call("nf4_dequantize", *args, dtype, name).view(w.shape)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"dequantize_nf4: out must be a tensor, got {type(out).__name__}")
     if out.shape != w.shape or out.dtype != dtype or out.device != w.device or not out.is_contiguous():
         raise ValueError(f"dequantize_nf4: out must be a contiguous {dtype} tensor of shape {tuple(w.shape)} on "
                          f"{w.device}, got a {out.dtype} tensor of shape {tuple(out.shape)} on {out.device}"
                          f"{'' if out.is_contiguous() else ' (not contiguous)'}")
-    torch.ops.fastlora.nf4_dequantize_out(*args, out.view(-1), name)
+    call("nf4_dequantize_out", *args, out.view(-1), name)
     return out
