@@ -55,12 +55,17 @@ def _nf4_table(device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def _nf4_pairs(device: torch.device) -> torch.Tensor:
-    """The codes of each byte's two nibbles as one int64 (256 entries), so that one lookup decodes two elements:
-    entry b holds the fp32 bits of the high nibble's code (the even element) in its low word."""
-    bits = torch.tensor(NF4_CODE, dtype=torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+def _nf4_pairs(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The codes of each byte's two nibbles in ``dtype``, packed in one integer twice its width (256 entries: int64
+    for fp32, int32 for fp16/bf16), so that one lookup decodes two elements: entry b holds the bits of the high
+    nibble's code (the even element) in its low half."""
+    code = torch.tensor(NF4_CODE, dtype=torch.float32).to(dtype)
+    wide, bits = (torch.int64, 32) if dtype == torch.float32 else (torch.int32, 16)
+    raw = code.view(torch.int32 if bits == 32 else torch.int16).to(torch.int64) & ((1 << bits) - 1)
     b = torch.arange(256)
-    return (bits[b >> 4] | (bits[b & 0xF] << 32)).to(device)
+    # Two's-complement wrap into the signed type: the kernels split the halves with shifts and truncations.
+    pairs = raw[b >> 4] | (raw[b & 0xF] << bits)
+    return (pairs - ((pairs >> (2 * bits - 1)) << (2 * bits)) if bits == 16 else pairs).to(device, wide)
 
 
 def nf4_dequantize(data: torch.Tensor, absmax: torch.Tensor, absmax_code: torch.Tensor | None,

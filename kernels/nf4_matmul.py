@@ -6,8 +6,11 @@ evaluation) where dequantize-then-GEMM would spend its time writing and reading 
 
 W is bitsandbytes' NF4 layout (element ``n * K + k``, high nibble first, absmax per block of the flat index, nested
 or plain), decoded tile by tile in registers and rounded to the output dtype as dequantize_4bit does, so the
-result equals dequantize-then-GEMM up to the order of the fp32 sums. The backward is the same kernel reading W
-transposed (a constexpr flag), with the LoRA term ``G A`` (``G = dY (s B)``) as its epilogue.
+result equals dequantize-then-GEMM up to the order of the fp32 sums. The exception is the forward at up to 16 rows
+(decoding, where weight streaming is the whole cost): there the dot takes each code rounded to the output dtype and
+the absmax scales its fp32 result once per 64-wide block, which is one rounding per weight away from
+dequantize_4bit's values (within the tests' tolerance, measured at about a third of it). The backward is the same
+kernel reading W transposed (a constexpr flag), with the LoRA term ``G A`` (``G = dY (s B)``) as its epilogue.
 """
 
 from __future__ import annotations
@@ -61,13 +64,39 @@ def _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_pairs, o_r, m_r, c
 
 
 @triton.jit
-def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_pairs, p_e1, p_e2, p_bias,
-                          p_out, p_part, M, P, Q, K, R, Q_SPLIT, stride_xm, stride_e1m, stride_e2p, stride_e2r,
-                          stride_om,
+def _pair_codes(b_pair, DT: tl.constexpr):
+    """The two codes of pair-table entries (``_nf4_pairs(device, DT)``), ``[..., 2]`` in DT."""
+    BITS: tl.constexpr = DT.primitive_bitwidth
+    UT: tl.constexpr = tl.int16 if BITS == 16 else tl.int32
+    return tl.join(b_pair.to(UT).to(DT, bitcast=True), (b_pair >> BITS).to(UT).to(DT, bitcast=True))
+
+
+@triton.jit
+def _w_codes(p_words, p_codes, o_r, m_r, c0, K, DT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """The NF4 codes of ``W[o_r, c0 : c0 + COLS]`` in DT, unscaled, ``[ROWS, COLS]``: the packed bytes read four to
+    a 32-bit word, each byte's two codes one lookup in the pair table of DT, already the dot's operand type (no
+    multiply, no rounding per element). 32-bit words rather than bytes: an 8-bit load in the chain makes Triton pick
+    a dot-operand layout whose fragments ptxas reassembles with a move per register."""
+    # int32 offsets: words and blocks are an eighth and a 64th of the weight's elements (2**31 words is 2**34 weights).
+    o_word = o_r[:, None] * (K // 8) + (c0 // 8 + tl.arange(0, COLS // 8))[None, :]  # [ROWS, COLS/8]
+    b_word = tl.load(p_words + o_word, mask=m_r[:, None], other=0)
+    # Little-endian: byte j of a word holds elements 2j (high nibble) and 2j + 1.
+    b_p0 = _pair_codes(tl.load(p_codes + (b_word & 0xFF)), DT)  # [ROWS, COLS/8, 2]
+    b_p1 = _pair_codes(tl.load(p_codes + ((b_word >> 8) & 0xFF)), DT)
+    b_p2 = _pair_codes(tl.load(p_codes + ((b_word >> 16) & 0xFF)), DT)
+    b_p3 = _pair_codes(tl.load(p_codes + ((b_word >> 24) & 0xFF)), DT)
+    b_w = tl.join(tl.join(b_p0, b_p2), tl.join(b_p1, b_p3))  # [ROWS, COLS/8, 2, 2, 2]: (nibble, byte) last
+    return tl.reshape(tl.permute(b_w, (0, 1, 3, 4, 2)), (ROWS, COLS))
+
+
+@triton.jit
+def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p_nf4, p_pairs, p_codes, p_words,
+                          p_e1, p_e2, p_bias, p_out, p_part, M, P, Q, K, R, Q_SPLIT, stride_xm, stride_e1m,
+                          stride_e2p, stride_e2r, stride_om,
                           NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, TRANS_W: tl.constexpr,
                           HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-                          ROW_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr,
-                          BQ: tl.constexpr, BR: tl.constexpr):
+                          ROW_BLOCKS: tl.constexpr, SCALE_ACC: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr,
+                          BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr):
     # out is [M, P], the reduction runs over Q: (P, Q) = (N, K) forward, (K, N) backward. With SPLIT, program
     # (i_m, i_p, i_s) sums Q's slice [i_s * Q_SPLIT, (i_s + 1) * Q_SPLIT) into its fp32 partial p_part[i_s] (the
     # launcher adds the partials up), and the epilogue is the first slice's.
@@ -95,6 +124,13 @@ def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p
                 b_w = _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_pairs, o_q, m_q, i_p * BP, K,
                               NESTED, BLOCKSIZE, BQ, BP).to(DT).to(DOT)  # [BQ, BP]
                 b_acc += _dot(b_x.to(DT).to(DOT), b_w, DOT == tl.float32)
+            elif SCALE_ACC:
+                # The tile lies in one absmax block per output column: the dot takes the codes as they are and its
+                # fp32 result is scaled per column, once a trip rather than once a weight.
+                b_w = _w_codes(p_words, p_codes, o_p, m_p, q0, K, DT, BP, BQ).to(DOT)  # [BP, BQ]
+                b_scale = _absmax(p_absmax, p_code2, p_absmax2, p_offset, o_p * (K // BLOCKSIZE) + q0 // BLOCKSIZE,
+                                  m_p, NESTED)  # [BP]
+                b_acc = tl.fma(_dot(b_x.to(DT).to(DOT), tl.trans(b_w), DOT == tl.float32), b_scale[None, :], b_acc)
             else:
                 b_w = _w_rows(p_data, p_absmax, p_code2, p_absmax2, p_offset, p_pairs, o_p, m_p, q0, K,
                               NESTED, BLOCKSIZE, BP, BQ).to(DT).to(DOT)  # [BP, BQ]
@@ -132,10 +168,10 @@ def nf4_matmul_fwd_kernel(p_x, p_data, p_absmax, p_code2, p_absmax2, p_offset, p
 
 
 # CTAs an SM holds at once of the split variant, by compute capability major and (row tile, transposed W), as
-# fastlora.benchmarks.static reads them (sm_90a: 68 and 80 registers at 16 rows, 119 and 96 at 64; sm_80 more).
-# Other GPUs take sm_80's, the fewer.
-_CTAS_PER_SM = {9: {(16, False): 7, (16, True): 6, (64, False): 4, (64, True): 5},
-                8: {(16, False): 7, (16, True): 5, (64, False): 3, (64, True): 3}}
+# fastlora.benchmarks.static reads them (sm_90a: 128 and 80 registers at 16 rows, 108 and 94 at 64, 155 and 152 at
+# 128; sm_80 about as many, less shared memory). Other GPUs take sm_80's, the fewer.
+_CTAS_PER_SM = {9: {(16, False): 4, (16, True): 6, (64, False): 4, (64, True): 5, (128, False): 3, (128, True): 3},
+                8: {(16, False): 4, (16, True): 5, (64, False): 3, (64, True): 3, (128, False): 2, (128, True): 2}}
 # The least reduction a slice keeps: 4 trips of the K loop, so that the 3-stage pipeline still fills.
 _MIN_SLICE = 4 * 64
 
@@ -179,29 +215,38 @@ def nf4_matmul(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, absmax
     code2, scale2, off = (absmax_code, absmax2, offset) if nested else (absmax, absmax, absmax)
     has_lora = e1 is not None
     rank = e1.shape[1] if has_lora else 0
-    # Small M is the point: one row block of 16 (tl.dot's least) covers decoding, 64 for prompts.
-    bm = 16 if m <= 16 else 64
-    tiles = triton.cdiv(m, bm) * triton.cdiv(p, 64)
+    # Small M is the point: one row block of 16 (tl.dot's least) covers decoding, 64 for prompts, 128 past that
+    # (each row block decodes the whole weight again).
+    bm = 16 if m <= 16 else 64 if m <= 64 else 128
+    # Each row's 64-element tiles lie inside one absmax block: the byte-run paths (the usual shapes; K odd, or
+    # blocks that straddle rows or tiles, take the element-wise one).
+    row_blocks = k % blocksize == 0 and blocksize % 64 == 0
+    # The forward at 16 rows scales the dot's result per column (its K tile is one absmax block) and reads the bytes
+    # as 32-bit words: 128 output columns a tile, ~0.15 warp-instructions a weight on sm_90a against 0.23 with a
+    # multiply and a rounding per weight (fastlora.benchmarks.static). From 64 rows the per-column scales would sit
+    # in the wgmma accumulator's layout, several columns a thread, each decoded again (0.5 a weight).
+    scale_acc = row_blocks and not trans_w and bm == 16 and data.is_contiguous() and data.storage_offset() % 4 == 0
+    bp = 128 if scale_acc else 64
+    tiles = triton.cdiv(m, bm) * triton.cdiv(p, bp)
     if gpu is None and x.is_cuda:
         gpu = _gpu(x.device)
     resident = gpu[0] * _CTAS_PER_SM.get(gpu[1], _CTAS_PER_SM[8])[bm, trans_w] if gpu else 0
     q_split = q_split or split_q(tiles, q, resident)
     slices = triton.cdiv(q, q_split)
     part = torch.empty((slices, m, p), dtype=torch.float32, device=x.device) if slices > 1 else out
-    grid = (triton.cdiv(m, bm), triton.cdiv(p, 64), slices)
-    # Each row's 64-element tiles lie inside one absmax block: the byte-run path (the usual shapes; K odd, or
-    # blocks that straddle rows or tiles, take the element-wise one).
-    row_blocks = k % blocksize == 0 and blocksize % 64 == 0
+    grid = (triton.cdiv(m, bm), triton.cdiv(p, bp), slices)
     nf4_matmul_fwd_kernel[grid](
-        x, data, absmax, code2, scale2, off, _nf4_table(x.device), _nf4_pairs(x.device), e1 if has_lora else x,
-        e2 if has_lora else x, bias if bias is not None else x, out, part, m, p, q, k, rank, q_split, x.stride(0),
-        e1.stride(0) if has_lora else 0, e2.stride(0) if has_lora else 0, e2.stride(1) if has_lora else 0,
-        out.stride(0), NESTED=nested, BLOCKSIZE=blocksize, TRANS_W=trans_w, HAS_LORA=has_lora,
-        HAS_BIAS=bias is not None, DOT_FP32=x.device.type == "cpu", ROW_BLOCKS=row_blocks, SPLIT=slices > 1,
+        x, data, absmax, code2, scale2, off, _nf4_table(x.device), _nf4_pairs(x.device),
+        _nf4_pairs(x.device, out.dtype), data.reshape(-1).view(torch.int32) if scale_acc else data,
+        e1 if has_lora else x, e2 if has_lora else x, bias if bias is not None else x, out, part, m, p, q, k, rank,
+        q_split, x.stride(0), e1.stride(0) if has_lora else 0, e2.stride(0) if has_lora else 0,
+        e2.stride(1) if has_lora else 0, out.stride(0), NESTED=nested, BLOCKSIZE=blocksize, TRANS_W=trans_w,
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, DOT_FP32=x.device.type == "cpu", ROW_BLOCKS=row_blocks,
+        SCALE_ACC=scale_acc, SPLIT=slices > 1,
         # 2 stages: the pipeliner copies each table lookup to shared memory, and a third stage costs more of
         # those than the latency it hides (sm_90a K loop: 230 instructions a tile and warp against 266; the split
-        # grid keeps 5-7 CTAs on an SM to hide the rest).
-        BM=bm, BP=64, BQ=64, BR=16, enable_fp_fusion=False, num_stages=2,
+        # grid keeps 3-6 CTAs on an SM to hide the rest).
+        BM=bm, BP=bp, BQ=64, BR=16, enable_fp_fusion=False, num_stages=2,
     )
     if slices > 1:
         # The slices' fp32 sums added in slice order (deterministic, unlike atomics), rounded once.
