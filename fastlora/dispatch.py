@@ -251,6 +251,19 @@ def is_auto(op: str, requested: Backend | str = Backend.AUTO) -> bool:
     return _requested(op, parsed or Backend.parse(requested, what=f"{op}: requested"))[0] is Backend.AUTO
 
 
+def request_state(*ops: str) -> tuple:
+    """What asks for backends for ``ops`` now (``use_backend``'s context, ``FASTLORA_BACKEND`` and the ops'
+    ``FASTLORA_BACKEND_<OP>``), as a hashable value: a choice cached under it stays valid while it is equal.
+
+    Example:
+        >>> key = ("lora_linear", request_state("lora_linear", "nf4_matmul"))
+    """
+    ctx = _requests.get()
+    env = os.environ
+    return (tuple(ctx.items()) if ctx else (), env.get("FASTLORA_BACKEND"),
+            *(env.get(_env_names(op)[0]) for op in ops))
+
+
 @contextlib.contextmanager
 def use_backend(backend: Backend | str | None = None, /, **per_op: Backend | str) -> Iterator[None]:
     """Force backends inside a ``with`` block: one for every op, and/or one per op by name.

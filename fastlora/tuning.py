@@ -49,6 +49,12 @@ def enabled() -> bool:
     return os.environ.get("FASTLORA_TUNE", "1") != "0"
 
 
+def state() -> tuple[str | None, str | None]:
+    """The settings a decision depends on (``FASTLORA_TUNE``, ``FASTLORA_TUNING_CACHE``): a choice cached in
+    memory under them stays valid while they are equal."""
+    return os.environ.get("FASTLORA_TUNE"), os.environ.get("FASTLORA_TUNING_CACHE")
+
+
 def _versions() -> dict[str, str]:
     from . import __version__
 

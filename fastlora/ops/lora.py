@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..dispatch import Backend, is_auto, would_run
+from ..dispatch import Backend, is_auto, request_state, would_run
 from ..tuning import bucket, choose_variant, close_max
+from ..tuning import state as tuning_state
 from ._autocast import autocast_disabled, autocast_dtype, autocast_off
 from ._library import call, define
 from ._workspace import workspace
@@ -381,40 +382,76 @@ def _variant(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor
              B: list[torch.Tensor], scaling: list[float], dropout_p: list[float],
              lora_bias: list[torch.Tensor | None], train: bool) -> str:
     """The variant this call of ``lora_linear`` runs (:func:`measured_variant`)."""
-    n_out, k = base.shape
     has_lb = [lb is not None for lb in lora_bias]
 
-    def run(variant: str, dy: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def run(variant: str, grad: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
         dropped, masks = dropout_inputs(x, A, dropout_p, variant)
         y, xa = _forward(x, base, bias, dropped, A, B, scaling, lora_bias, variant)
-        if dy is None:
+        if grad is None:
             return (y,)
-        dx, d_a, d_b, _ = _backward(dy, base, xa, x, dropped, masks, A, B, scaling, dropout_p, has_lb, True, variant)
+        dx, d_a, d_b, _ = _backward(grad(y), base, xa, x, dropped, masks, A, B, scaling, dropout_p, has_lb, True,
+                                    variant)
         return (y, dx, *d_a, *d_b)
 
-    return measured_variant("lora_linear", x, variants(base, x, A), f"{k}x{n_out}r{sum(a.shape[0] for a in A)}",
-                            (x.shape[0], n_out), run, train)
+    shape = (type(base), *base.shape, *((a.shape[0], a.dtype) for a in A))
+    return measured_variant("lora_linear", x, shape, lambda: variants(base, x, A), run, train)
 
 
-def measured_variant(op: str, x: torch.Tensor, options: list[str], shape: str, out_shape: tuple[int, int],
-                     run: Callable[[str, torch.Tensor | None], tuple[torch.Tensor, ...]], train: bool) -> str:
-    """Which of a layer op's ``options`` (the static choice first) computes this call: where several can, the one
+# Choices made in this process, by (op, train, device, dtype, rows' power of two, shape, what asks for backends,
+# the tuning settings): one dict lookup a call once made (the full path costs ~40 us: too much for every
+# projection of every step).
+_CHOICES: dict[tuple, str] = {}
+
+
+def measured_variant(op: str, x: torch.Tensor, shape: tuple, options: Callable[[], list[str]],
+                     run: Callable[[str, Callable[[torch.Tensor], torch.Tensor] | None], tuple[torch.Tensor, ...]],
+                     train: bool) -> str:
+    """Which of an op's ``options()`` (the static choice first) computes this call: where several can, the one
     with the fastest forward (and backward, when training) on this device, measured once per shape and kept
-    (:func:`fastlora.tuning.choose_variant`). ``run(variant, dy)`` computes the call (its backward too when ``dy``
-    is given) without autograd and returns the outputs checked against the first option's. Under torch.compile
-    the static choice is traced (the measuring and its context variables stay out of graphs)."""
-    if len(options) < 2 or torch.compiler.is_compiling():
-        return options[0]
-    probe: list[torch.Tensor] = []
+    (:func:`fastlora.tuning.choose_variant`).
 
-    def timed(variant: str) -> tuple[torch.Tensor, ...]:
-        with torch.no_grad():  # not a decorator: this closure is made on every call, and runs only when measuring
-            if train and not probe:  # one upstream gradient for every variant, drawn under the measurement's RNG
-                probe.append(torch.randn(out_shape, dtype=x.dtype, device=x.device))
-            return run(variant, probe[0] if train else None)
+    ``run(variant, grad)`` computes the call and returns the outputs checked against the first option's; when
+    ``grad`` is given (training), also the backward, with ``grad(y)`` as the upstream gradient of an output ``y``
+    (the same for every variant). It leaves the inputs and parameters untouched (no ``.grad`` accumulated).
+    ``x``'s rows, device and dtype, and ``shape`` (what else changes the options or their speed) key the choice.
+    Under torch.compile the static choice is traced (the measuring and its context variables stay out of graphs).
+    """
+    if torch.compiler.is_compiling():
+        return options()[0]
+    key = (op, train, x.device, x.dtype, max(0, x.shape[0] - 1).bit_length(), shape,
+           request_state(op, "nf4_matmul"), tuning_state())
+    chosen = _CHOICES.get(key)
+    if chosen is not None:
+        return chosen
+    found = options()
+    if len(found) < 2:
+        chosen = found[0]
+    else:
+        probes: dict[tuple, torch.Tensor] = {}
 
-    return choose_variant(f"{op}.{'train' if train else 'infer'}", x.device, x.dtype,
-                          f"{bucket(x.shape[0])}x{shape}", options, timed, close_max(x.dtype), tune=is_auto(op))
+        def grad(y: torch.Tensor) -> torch.Tensor:  # drawn under the measuring's own RNG state, once per shape
+            key = (tuple(y.shape), y.dtype)
+            if key not in probes:
+                probes[key] = torch.randn(y.shape, dtype=y.dtype, device=y.device)
+            return probes[key]
+
+        def timed(variant: str) -> tuple[torch.Tensor, ...]:
+            with torch.no_grad():
+                return run(variant, grad if train else None)
+
+        name = "x".join(str(n) for n in _ints(shape))
+        chosen = choose_variant(f"{op}.{'train' if train else 'infer'}", x.device, x.dtype,
+                                f"{bucket(x.shape[0])}x{name}", found, timed, close_max(x.dtype), tune=is_auto(op))
+    if not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # capture: static, not kept
+        _CHOICES[key] = chosen
+    return chosen
+
+
+def _ints(value: object) -> list[int]:
+    """The integers in a nested shape key, in order (what names a decision in the tuning file)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    return [n for v in value for n in _ints(v)] if isinstance(value, tuple) else []
 
 
 def gemm_dtypes(op: str, x: torch.Tensor, compute_dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:

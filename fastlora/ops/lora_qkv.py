@@ -14,7 +14,7 @@ The stack: reference (:func:`lora_qkv_reference`) -> ``fastlora::lora_qkv_fwd`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -295,14 +295,13 @@ def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], 
 def _variant(x: torch.Tensor, bases: Sequence[Base], biases: list[torch.Tensor | None], A: list[torch.Tensor],
              B: list[torch.Tensor], scaling: list[float], dropout_p: list[float], train: bool) -> str:
     """The variant this call of ``lora_qkv`` runs (:func:`fastlora.ops.lora.measured_variant`)."""
-    def run(variant: str, dy: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def run(variant: str, grad: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
         dropped, masks = dropout_inputs(x, A, dropout_p, variant)
         y, xa = _forward(x, bases, biases, dropped, A, B, scaling, variant)
-        if dy is None:
+        if grad is None:
             return (y,)
-        dx, d_a, d_b = _backward(dy, bases, xa, x, dropped, masks, A, B, scaling, dropout_p, True, variant)
+        dx, d_a, d_b = _backward(grad(y), bases, xa, x, dropped, masks, A, B, scaling, dropout_p, True, variant)
         return (y, dx, *d_a, *d_b)
 
-    n_out = sum(b.shape[0] for b in B)
-    shape = f"{x.shape[1]}x{'+'.join(str(b.shape[0]) for b in B)}r{'+'.join(str(a.shape[0]) for a in A)}"
-    return measured_variant("lora_qkv", x, variants(bases, x, A), shape, (x.shape[0], n_out), run, train)
+    shape = (type(bases[0]), x.shape[1], *((b.shape[0], a.shape[0], a.dtype) for a, b in zip(A, B, strict=True)))
+    return measured_variant("lora_qkv", x, shape, lambda: variants(bases, x, A), run, train)

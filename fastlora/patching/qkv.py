@@ -11,6 +11,7 @@ The forward checks on every call that the three layers are still plain, one-adap
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Callable
 
@@ -78,7 +79,8 @@ def _qkv_forward(parent: type, family: Family) -> Callable[..., object]:
         except UnsupportedLoRA as e:
             coverage.fallback(str(e))
             return parent.forward(self, *args, **kwargs)
-        with use_backend(self._fastlora_backend):
+        backend = self._fastlora_backend
+        with use_backend(backend) if backend is not None else contextlib.nullcontext():
             outputs = lora_qkv(x, [a.base for a in qkv], [a.A[0] for a in qkv], [a.B[0] for a in qkv],
                                [a.scaling[0] for a in qkv], biases=[a.bias for a in qkv],
                                dropout_p=[a.dropout_p[0] for a in qkv], compute_dtype=qkv[0].compute_dtype)
