@@ -272,3 +272,42 @@ def test_layer_ops_measure_their_variants_in_training(tuned, op):
         mp.setattr(ops, "_variant", lambda *args: m.backend)
         want = step()
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_rope_and_the_mlp_are_patched_and_measured_against_the_original_on_a_cpu(tuned):
+    """With tuning on, a CPU no longer leaves RoPE and the fused MLP out by a rule measured once: each patched
+    module measures fastlora's way against the original on its own shapes (forward and backward), runs the faster
+    one, and says which in its coverage; the model's loss and LoRA gradients stay those of the unpatched model."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastlora.testing import peft_lora_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    model = peft_lora_model(LlamaForCausalLM(config))
+    patched = copy.deepcopy(model)
+    report = fastlora.patch(patched)
+    assert not {"rope", "mlp"} & {name for name, _ in report.skipped}
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], []
+    for m in (model, patched):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    decisions = tuning.tuner().decisions()
+    measured = {k.split("|")[0]: m for k, m in decisions.items()}
+    assert set(measured["rope.train"].times_us) == {"fastlora", "transformers"}
+    assert set(measured["lora_mlp.train"].times_us) == {"fused", "layers"}
+    cov = {c.op: c for c in fastlora.patching.coverage(patched).modules if c.op in ("apply_rope", "lora_mlp")}
+    for op, key in (("apply_rope", "rope.train"), ("lora_mlp", "lora_mlp.train")):
+        original = measured[key].backend in ("transformers", "layers")
+        counted = cov[op].measured if original else cov[op].ran
+        assert sum(counted.values()) == 1, (op, cov[op])  # the model's one call; the measuring's are not counted
+    assert not fastlora.patching.coverage(patched).never_ran()

@@ -10,10 +10,26 @@ counted apart and never warn. A forward without labels computes no loss, so the 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .._logging import logger
+
+# True while a measurement runs a module's ways of computing a call (fastlora.tuning): those calls are not counted.
+_PAUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("fastlora_coverage_paused", default=False)
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Count no call inside (a measurement's runs are not the model's calls)."""
+    token = _PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _PAUSED.reset(token)
 
 
 @dataclass
@@ -26,6 +42,8 @@ class Coverage:
         ran: calls that ran fastlora's ops, by op.
         fell_back: calls that ran the original code instead, by reason.
         idle: calls with nothing for fastlora to do (no active adapter), by reason.
+        measured: calls that ran the original code because measuring found it faster here (fastlora.tuning), by
+            reason: a decision, not a lost fast path.
         served_by: for a layer whose output a fused module computes (q/k/v in ``lora_qkv``, the projections of a
             ``lora_mlp``), that module's counter: the layer runs fastlora's ops when it does, without a call of
             its own.
@@ -36,6 +54,7 @@ class Coverage:
     ran: Counter = field(default_factory=Counter)
     fell_back: Counter = field(default_factory=Counter)
     idle: Counter = field(default_factory=Counter)
+    measured: Counter = field(default_factory=Counter)
     served_by: Coverage | None = None
     warned: set = field(default_factory=set, repr=False)  # shared by the modules of one patch
 
@@ -47,14 +66,19 @@ class Coverage:
     @property
     def calls(self) -> int:
         """Every call counted, whatever path it took."""
-        return sum(self.ran.values()) + sum(self.fell_back.values()) + sum(self.idle.values())
+        return sum(self.ran.values()) + sum(self.fell_back.values()) + sum(self.idle.values()) + \
+            sum(self.measured.values())
 
     def hit(self, op: str | None = None) -> None:
         """Count one call that ran fastlora's ``op`` (default: this module's op)."""
+        if _PAUSED.get():
+            return
         self.ran[op or self.op] += 1
 
     def fallback(self, reason: str) -> None:
         """Count one call that ran the original code; the first such call of a reason (per patch) warns."""
+        if _PAUSED.get():
+            return
         self.fell_back[reason] += 1
         if reason not in self.warned:
             self.warned.add(reason)
@@ -64,7 +88,15 @@ class Coverage:
 
     def nothing_to_do(self, reason: str) -> None:
         """Count one call that had nothing for fastlora to do (not a fallback: no warning)."""
+        if _PAUSED.get():
+            return
         self.idle[reason] += 1
+
+    def chose_original(self, reason: str) -> None:
+        """Count one call that ran the original code because it measured faster here (no warning)."""
+        if _PAUSED.get():
+            return
+        self.measured[reason] += 1
 
 
 @dataclass
@@ -81,8 +113,9 @@ class CoverageReport:
     modules: list[Coverage]
 
     def never_ran(self) -> list[Coverage]:
-        """The modules that have not run fastlora's ops once since the patch."""
-        return [c for c in self.modules if not c.ran_fastlora]
+        """The modules that have not run fastlora's ops once since the patch (those that measured the original code
+        faster, and ran it, are not among them: that was a decision)."""
+        return [c for c in self.modules if not c.ran_fastlora and not c.measured]
 
     def fell_back(self) -> dict[str, int]:
         """Fallback calls by reason, over all modules."""
@@ -109,6 +142,7 @@ class CoverageReport:
                 done += f" (and served by {c.served_by.name}'s {c.served_by.op})"
             rest = [f"fell back {n}: {why}" for why, n in c.fell_back.items()]
             rest += [f"nothing to do {n}: {why}" for why, n in c.idle.items()]
+            rest += [f"original code {n}: {why}" for why, n in c.measured.items()]
             lines.append(f"  {c.name or '(model)':<{width}}  {c.op:<11}  {done}{'; ' if rest else ''}"
                          f"{'; '.join(rest)}")
         return "\n".join(lines)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .. import tuning
 from .._logging import logger
 from ..checkpointing import OffloadedCheckpointing
 from ..dispatch import Backend
@@ -56,10 +57,11 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
             all three are plain LoRA layers, on one :func:`fastlora.lora_qkv`.
         loss: ``"fused_linear"`` (training with labels never makes the logits; the output's ``logits`` is then
             None), ``"logits"`` (fastlora's cross-entropy on the logits) or None (transformers' loss).
-        rope: rotate q and k with :func:`fastlora.apply_rope` (left alone on a CPU unless a backend is forced:
-            there only the reference would run, slower than transformers' function).
-        mlp: run LoRA MLPs as one :func:`fastlora.lora_mlp` (left alone on a CPU unless a backend is forced: it
-            measured slower there than the layers one by one).
+        rope: rotate q and k with :func:`fastlora.apply_rope`. Unless a backend is forced, each shape's first call
+            measures it against transformers' function and the faster one runs (fastlora.tuning); with
+            ``FASTLORA_TUNE=0`` RoPE is left alone on a CPU (only the reference would run there, slower).
+        mlp: run LoRA MLPs as one :func:`fastlora.lora_mlp`, measured against the layers one by one in the same way
+            (``FASTLORA_TUNE=0``: left alone on a CPU, where it measured slower once).
         checkpointing: ``"offload"`` (or an :class:`fastlora.OffloadedCheckpointing` with your settings): gradient
             checkpointing, when it is on or whenever it is turned on later (by ``activation_checkpointing_enable``
             or a Trainer), keeps each layer's input in CPU memory until the backward; None leaves it alone.
@@ -236,26 +238,31 @@ def _patch_rope(hf: torch.nn.Module, family: Family, report: PatchReport, backen
         report.skip("rope", why_not)
         return
     install_trampoline(family.modeling)
+    measured = " (or transformers' own where it measures faster)" if backend is None and tuning.enabled() else ""
     for name, module, cls_name in _modules(hf, family, "Attention"):
-        report.swap_class(name, f"{cls_name}: apply_rotary_pos_emb -> fastlora.apply_rope", module,
+        report.swap_class(name, f"{cls_name}: apply_rotary_pos_emb -> fastlora.apply_rope{measured}", module,
                           fast_attention_class(type(module)), _fastlora_rope_backend=backend,
                           _fastlora_rope_coverage=report.track(name, "apply_rope"))
 
 
 def _patch_mlp(hf: torch.nn.Module, family: Family, report: PatchReport, backend: Backend | str | None) -> None:
     param = next(hf.parameters(), None)
-    if backend is None and (param is None or param.device.type == "cpu"):
-        # Measured (lora_mlp suite, 2-core CPU, fp32): 0.86-0.93x PEFT's separate layers for a full step.
-        report.skip("mlp", "on a CPU the fused MLP measured slower than the layers one by one")
+    if backend is None and (param is None or param.device.type == "cpu") and not tuning.enabled():
+        # Measured once (lora_mlp suite, 2-core CPU, fp32): 0.86-0.93x PEFT's separate layers for a full step.
+        # With tuning on, each MLP measures both ways on its own shapes instead.
+        report.skip("mlp", "on a CPU the fused MLP measured slower than the layers one by one (FASTLORA_TUNE=0: "
+                           "not measured here)")
         return
     act_name = getattr(hf.config, "hidden_activation", None) or getattr(hf.config, "hidden_act", None)
     activation = ACTIVATIONS.get(act_name)
     if activation is None:
         report.skip("mlp", f"activation {act_name!r} has no fused kernel")
         return
+    measured = " (or the layers one by one where they measure faster)" if backend is None and tuning.enabled() \
+        else ""
     for name, module, cls_name in _modules(hf, family, "MLP"):
         if _swap_if_supported(report, name, "MLP", lambda m=module: projections(m, family),
-                              f"{cls_name} -> fastlora.lora_mlp ({activation})", module,
+                              f"{cls_name} -> fastlora.lora_mlp ({activation}){measured}", module,
                               fast_mlp_class(type(module), family, activation), backend, "lora_mlp"):
             for proj in (*family.gate_up, family.down):
                 counter = getattr(getattr(module, proj), "_fastlora_coverage", None)
