@@ -12,7 +12,7 @@ import torch
 
 from ..dispatch import Backend, resolve_backend
 from ..kernels._utils import empty
-from ._library import define
+from ._library import call, define
 
 _OP = "cross_entropy"
 _BACKENDS = frozenset(b.value for b in Backend)
@@ -57,6 +57,8 @@ def cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, sca
     in_range = (labels >= 0) & (labels < v)
     hit = valid & in_range
     safe = torch.where(hit, labels, 0)
+    if not (label_smoothing or z_loss or softcap is not None):
+        return _plain_rows(x, safe, valid, in_range, hit, scale, want_grad, out)
     lse = torch.logsumexp(x, dim=-1)
     rows = (1 - label_smoothing) * (lse - x.gather(1, safe.unsqueeze(1)).squeeze(1)) + z_loss * lse * lse
     if label_smoothing:
@@ -74,6 +76,22 @@ def cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, sca
     grad.index_put_((rows_hit, safe), torch.where(hit, label_smoothing - 1, 0.0), accumulate=True)
     if softcap is not None:
         grad.mul_(1 - (x / softcap) ** 2)
+    # Ignored rows get 0, not 0 * scale: a mean over no valid row has an infinite scale.
+    return rows, grad.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
+
+
+def _plain_rows(x: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor, in_range: torch.Tensor, hit: torch.Tensor,
+                scale: torch.Tensor, want_grad: bool,
+                out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows without smoothing, z-loss or soft-cap from one log-softmax: half the ops of the general formula (on
+    a CPU, where each op is a pass over ``[N, V]``, 2x faster at a small vocabulary)."""
+    logp = torch.log_softmax(x, dim=-1)
+    rows = logp.gather(1, safe.unsqueeze(1)).squeeze(1).neg_()
+    rows = torch.where(valid, torch.where(in_range, rows, float("nan")), 0.0)
+    if not want_grad:
+        return rows, None
+    grad = torch.exp(logp, out=out) if out is not None else logp.exp_()  # softmax
+    grad.scatter_add_(1, safe.unsqueeze(1), torch.where(hit, -1.0, 0.0).unsqueeze(1))
     # Ignored rows get 0, not 0 * scale: a mean over no valid row has an infinite scale.
     return rows, grad.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
 
@@ -152,11 +170,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         options = (ignore_index, label_smoothing, z_loss, softcap)
         flat = logits.view(-1, logits.shape[-1])
         if inplace:
-            rows = torch.ops.fastlora.cross_entropy_fwd_(flat, labels, scale, *options, backend)
+            rows = call("cross_entropy_fwd_", flat, labels, scale, *options, backend)
             grad = logits  # not the view: a view made here cannot be saved once its base is dirty
             ctx.mark_dirty(logits)
         else:
-            rows, grad = torch.ops.fastlora.cross_entropy_fwd(flat, labels, scale, *options, True, backend)
+            rows, grad = call("cross_entropy_fwd", flat, labels, scale, *options, True, backend)
         ctx.save_for_backward(grad)
         ctx.reduction, ctx.shape, ctx.used = reduction, logits.shape, False
         loss = reduce_rows(rows, scale, reduction)
@@ -230,7 +248,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
         loss = out[0]
     else:
         flat = logits.view(-1, logits.shape[-1])
-        rows, _ = torch.ops.fastlora.cross_entropy_fwd(flat, flat_labels, scale, *options, False, name)
+        rows, _ = call("cross_entropy_fwd", flat, flat_labels, scale, *options, False, name)
         loss = reduce_rows(rows, scale, reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
 

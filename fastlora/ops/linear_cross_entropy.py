@@ -19,7 +19,7 @@ import torch
 from ..dispatch import Backend
 from ..kernels._utils import empty
 from ._autocast import autocast_disabled, autocast_dtype, autocast_off
-from ._library import define
+from ._library import call, define
 from .cross_entropy import check_options, cross_entropy_reference, cross_entropy_rows, loss_scale, reduce_rows
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -113,12 +113,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.reduction, ctx.needs, ctx.used = reduction, needs, False
         ctx.options, ctx.max_chunk_bytes, ctx.backend = options, max_chunk_bytes, backend
         if reduction == "none":
-            rows, *_ = torch.ops.fastlora.fused_linear_cross_entropy(
-                hidden, weight, bias, labels, scale, *options, False, False, False, max_chunk_bytes, backend)
+            rows, *_ = call("fused_linear_cross_entropy", hidden, weight, bias, labels, scale, *options, False,
+                            False, False, max_chunk_bytes, backend)
             ctx.save_for_backward(hidden, weight, bias, labels)
             return rows
-        rows, d_hidden, d_weight, d_bias = torch.ops.fastlora.fused_linear_cross_entropy(
-            hidden, weight, bias, labels, scale, *options, *needs, max_chunk_bytes, backend)
+        rows, d_hidden, d_weight, d_bias = call("fused_linear_cross_entropy", hidden, weight, bias, labels, scale,
+                                                *options, *needs, max_chunk_bytes, backend)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
         return reduce_rows(rows, scale, reduction)
 
@@ -131,9 +131,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.used = True
         if ctx.reduction == "none":
             hidden, weight, bias, labels = ctx.saved_tensors
-            _, d_hidden, d_weight, d_bias = torch.ops.fastlora.fused_linear_cross_entropy(
-                hidden, weight, bias, labels, grad_loss.float().contiguous(), *ctx.options, *ctx.needs,
-                ctx.max_chunk_bytes, ctx.backend)
+            _, d_hidden, d_weight, d_bias = call(
+                "fused_linear_cross_entropy", hidden, weight, bias, labels, grad_loss.float().contiguous(),
+                *ctx.options, *ctx.needs, ctx.max_chunk_bytes, ctx.backend)
         else:
             # The buffers are fastlora's own: scaling them in place costs no memory.
             d_hidden, d_weight, d_bias = (g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors)
@@ -209,8 +209,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             loss = FusedLinearCrossEntropyFunction.apply(flat, weight, bias, flat_labels, scale, options,
                                                          reduction, max_chunk_bytes, name)
         else:
-            rows, *_ = torch.ops.fastlora.fused_linear_cross_entropy(
-                flat, weight, bias, flat_labels, scale, *options, False, False, False, max_chunk_bytes, name)
+            rows, *_ = call("fused_linear_cross_entropy", flat, weight, bias, flat_labels, scale, *options, False,
+                            False, False, max_chunk_bytes, name)
             loss = reduce_rows(rows, scale, reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
 

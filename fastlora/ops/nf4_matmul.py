@@ -16,7 +16,7 @@ import torch
 from ..dispatch import Backend, resolve_backend
 from ..kernels._utils import empty
 from ._autocast import autocast_dtype
-from ._library import define
+from ._library import call, define
 from .nf4 import nf4_dequantize_reference
 from .nf4_weight import NF4Weight
 
@@ -95,5 +95,5 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, *, trans: bool = False, e1: _Opt =
         x, e1, e2, bias = (t if t is None else t.to(autocast) for t in (x, e1, e2, bias))
     x = x if x.stride(-1) == 1 else x.contiguous()
     e1 = e1 if e1 is None or e1.stride(-1) == 1 else e1.contiguous()
-    return torch.ops.fastlora.nf4_matmul(x, w.data, w.absmax, w.absmax_code, w.absmax2, w.offset, w.blocksize, n,
+    return call("nf4_matmul", x, w.data, w.absmax, w.absmax_code, w.absmax2, w.offset, w.blocksize, n,
                                          k, trans, e1, e2, bias, name)

@@ -11,7 +11,7 @@ import torch
 
 from ..dispatch import Backend, resolve_backend
 from ..kernels._utils import empty_like_strided
-from ._library import define
+from ._library import call, define
 
 _OP = "rope"
 _BACKENDS = frozenset(b.value for b in Backend)
@@ -95,17 +95,17 @@ class RoPEFunction(torch.autograd.Function):
         ctx.save_for_backward(cos, sin)
         ctx.head_dim, ctx.backend, ctx.in_dtype = head_dim, backend, q.dtype
         if inplace:
-            torch.ops.fastlora.rope_(q, k, cos, sin, head_dim, False, backend)
+            call("rope_", q, k, cos, sin, head_dim, False, backend)
             ctx.mark_dirty(q, k)
             return q, k
-        return torch.ops.fastlora.rope(q, k, cos, sin, head_dim, False, backend, dtype)
+        return call("rope", q, k, cos, sin, head_dim, False, backend, dtype)
 
     @staticmethod
     def backward(ctx, dq: torch.Tensor | None, dk: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         cos, sin = ctx.saved_tensors
         dq, dk = _last_dim_contiguous(dq), _last_dim_contiguous(dk)
         # The gradients arrive in the (maybe promoted) output dtype and leave in q's and k's, rounded once.
-        gq, gk = torch.ops.fastlora.rope(dq, dk, cos, sin, ctx.head_dim, True, ctx.backend, ctx.in_dtype)
+        gq, gk = call("rope", dq, dk, cos, sin, ctx.head_dim, True, ctx.backend, ctx.in_dtype)
         return gq, gk, None, None, None, None, None, None
 
 
@@ -188,4 +188,4 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     if inplace or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
         return RoPEFunction.apply(q, k, cos, sin, unsqueeze_dim, inplace, name, dtype)
-    return torch.ops.fastlora.rope(q, k, cos, sin, unsqueeze_dim, False, name, dtype)
+    return call("rope", q, k, cos, sin, unsqueeze_dim, False, name, dtype)

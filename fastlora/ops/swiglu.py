@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..dispatch import Backend
 from ..kernels._utils import empty_like
 from ..tuning import choose, close
-from ._library import define
+from ._library import call, define
 
 _OP = "swiglu"
 _BACKENDS = frozenset(b.value for b in Backend)
@@ -90,12 +90,12 @@ class SwiGLUFunction(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
         ctx.backend = backend
-        return torch.ops.fastlora.swiglu_fwd(gate, up, backend)
+        return call("swiglu_fwd", gate, up, backend)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         gate, up = ctx.saved_tensors
-        dgate, dup = torch.ops.fastlora.swiglu_bwd(grad.contiguous(), gate, up, ctx.backend)
+        dgate, dup = call("swiglu_bwd", grad.contiguous(), gate, up, ctx.backend)
         return dgate, dup, None
 
 
@@ -132,4 +132,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Backend | str = "au
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return SwiGLUFunction.apply(gate, up, name)
     # No graph to record: skip autograd.Function, whose apply costs more than the op itself on small inputs.
-    return torch.ops.fastlora.swiglu_fwd(gate, up, name)
+    return call("swiglu_fwd", gate, up, name)
