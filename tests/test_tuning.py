@@ -274,10 +274,11 @@ def test_layer_ops_measure_their_variants_in_training(tuned, op):
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
-def test_rope_and_the_mlp_are_patched_and_measured_against_the_original_on_a_cpu(tuned):
+def test_rope_the_mlp_and_the_loss_are_measured_against_the_original_on_a_cpu(tuned):
     """With tuning on, a CPU no longer leaves RoPE and the fused MLP out by a rule measured once: each patched
     module measures fastlora's way against the original on its own shapes (forward and backward), runs the faster
-    one, and says which in its coverage; the model's loss and LoRA gradients stay those of the unpatched model."""
+    one, and says which in its coverage; so does the fused loss against the logits (a small vocabulary: they fit
+    in one fused chunk). The model's loss and LoRA gradients stay those of the unpatched model."""
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -305,9 +306,11 @@ def test_rope_and_the_mlp_are_patched_and_measured_against_the_original_on_a_cpu
     measured = {k.split("|")[0]: m for k, m in decisions.items()}
     assert set(measured["rope.train"].times_us) == {"fastlora", "transformers"}
     assert set(measured["lora_mlp.train"].times_us) == {"fused", "layers"}
-    cov = {c.op: c for c in fastlora.patching.coverage(patched).modules if c.op in ("apply_rope", "lora_mlp")}
-    for op, key in (("apply_rope", "rope.train"), ("lora_mlp", "lora_mlp.train")):
-        original = measured[key].backend in ("transformers", "layers")
+    assert set(measured["fused_linear_cross_entropy.train"].times_us) == {"fused_linear", "logits"}
+    cov = {c.op: c for c in fastlora.patching.coverage(patched).modules if c.op in ("apply_rope", "lora_mlp", "loss")}
+    for op, key in (("apply_rope", "rope.train"), ("lora_mlp", "lora_mlp.train"),
+                    ("loss", "fused_linear_cross_entropy.train")):
+        original = measured[key].backend in ("transformers", "layers", "logits")
         counted = cov[op].measured if original else cov[op].ran
         assert sum(counted.values()) == 1, (op, cov[op])  # the model's one call; the measuring's are not counted
     assert not fastlora.patching.coverage(patched).never_ran()

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.cross_entropy import cross_entropy
-from ..ops.linear_cross_entropy import fused_linear_cross_entropy
+from ..ops.linear_cross_entropy import DEFAULT_CHUNK_BYTES, fused_linear_cross_entropy
+from ..ops.lora import measured_variant
 from .coverage import Coverage
 from .families import Family
 
@@ -97,14 +98,20 @@ def _fused_forward(original: Callable[..., object], family: Family) -> Callable[
         kwargs.pop("logits_to_keep", None)
         targets = kwargs.pop("shift_labels", None)
         outputs = getattr(self, self.base_model_prefix)(**kwargs)
-        self._fastlora_loss_coverage.hit("fused_linear_cross_entropy")
         targets = _shift(labels) if targets is None else targets
         softcap = getattr(self.config, family.final_logit_softcap, None) if family.final_logit_softcap else None
         # In the head's dtype, as F.linear would need it (an fp32 head after prepare_model_for_kbit_training).
         hidden = outputs.last_hidden_state.to(self.lm_head.weight.dtype)
-        loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, targets.to(hidden.device),
-                                          bias=self.lm_head.bias, softcap=softcap,
-                                          num_items_in_batch=kwargs.get("num_items_in_batch"))
+        head, targets = self.lm_head, targets.to(hidden.device)
+        n_items = kwargs.get("num_items_in_batch")
+        coverage = self._fastlora_loss_coverage
+        if _variant(hidden, head, targets, softcap, n_items) == LOGITS:
+            coverage.chose_original("the logits and torch's cross-entropy measured faster here (fastlora.tuning)")
+            loss = logits_loss(hidden, head.weight, head.bias, targets, softcap, n_items)
+        else:
+            coverage.hit("fused_linear_cross_entropy")
+            loss = fused_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, softcap=softcap,
+                                              num_items_in_batch=n_items)
         # The decoder's other outputs under their names in this transformers release (the cache, hidden states).
         rest = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
         return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
@@ -112,3 +119,45 @@ def _fused_forward(original: Callable[..., object], family: Family) -> Callable[
     # The Trainer keeps only the dataset columns the forward's signature names (and generate checks its kwargs).
     forward.__signature__ = inspect.signature(original)
     return forward
+
+
+#: The fused forward's two ways to the loss: fused_linear_cross_entropy (never the logits), or the logits and torch's
+#: cross-entropy, as transformers computes it (offered only where all the logits take no more memory than one
+#: chunk of the fused loss).
+FUSED_LINEAR, LOGITS = "fused_linear", "logits"
+
+
+def logits_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                softcap: float | None, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    """transformers' causal-LM loss on ``hidden @ weight.T (+ bias)``: the logits upcast to fp32, ignored labels
+    -100, summed over ``num_items_in_batch`` when given, else the mean over the counted tokens."""
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    flat, flat_targets = logits.view(-1, logits.shape[-1]), targets.reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat, flat_targets, ignore_index=-100)
+    return F.cross_entropy(flat, flat_targets, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+
+def _variant(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, softcap: float | None,
+             num_items_in_batch: torch.Tensor | int | None) -> str:
+    """Fused or on the logits for this step: measured once per shape (forward and backward) where tuning is on and
+    the logits are small enough (bf16 logits, their fp32 copy and its gradient within one fused chunk's budget)."""
+    rows, vocab = hidden.numel() // hidden.shape[-1], head.weight.shape[0]
+    small = rows * vocab * (hidden.element_size() + 8) <= DEFAULT_CHUNK_BYTES
+    params = [t for t in (head.weight, head.bias) if t is not None and t.requires_grad]
+
+    def run(variant: str, grad: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(True)
+            if variant == LOGITS:
+                loss = logits_loss(h, head.weight, head.bias, targets, softcap, num_items_in_batch)
+            else:
+                loss = fused_linear_cross_entropy(h, head.weight, targets, bias=head.bias, softcap=softcap,
+                                                  num_items_in_batch=num_items_in_batch)
+            return (loss.detach(), *torch.autograd.grad(loss, [h, *params], grad(loss)))
+
+    shape = (vocab, hidden.shape[-1], head.weight.dtype, head.bias is not None, softcap)
+    return measured_variant("fused_linear_cross_entropy", hidden.reshape(-1, hidden.shape[-1]), shape,
+                            lambda: [FUSED_LINEAR, LOGITS] if small else [FUSED_LINEAR], run, True)
