@@ -6,7 +6,9 @@ fastlora's cross-entropy: the same value as transformers' ``ForCausalLMLoss`` (l
 
 ``loss="fused_linear"``: the instance's class is swapped for a subclass whose forward, when the model trains
 with labels, runs the decoder and then :func:`fastlora.fused_linear_cross_entropy` on its last hidden state: the
-``[B, S, V]`` logits are never made, and the output's ``logits`` field is None. Everything else (no labels, eval
+``[B, S, V]`` logits are never made (unless all of them take less memory than one chunk of the fused loss: then
+the logits and torch's cross-entropy are measured against it, and the faster runs), and the output's ``logits``
+field is None. Everything else (no labels, eval
 mode, ``logits_to_keep``, ``return_dict=False``) goes to transformers' own forward, which then uses the
 ``"logits"`` loss.
 """
