@@ -314,3 +314,17 @@ def test_rope_the_mlp_and_the_loss_are_measured_against_the_original_on_a_cpu(tu
         counted = cov[op].measured if original else cov[op].ran
         assert sum(counted.values()) == 1, (op, cov[op])  # the model's one call; the measuring's are not counted
     assert not fastlora.patching.coverage(patched).never_ran()
+
+
+def test_compile_traces_the_static_variant_and_measures_nothing(tuned):
+    """torch.compile(fullgraph=True) of a layer op with several variants: the static one is traced (no context
+    variable, no timing inside a graph) and no decision is made."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 32, generator=g).bfloat16()
+    w = torch.randn(16, 32, generator=g).bfloat16()
+    a = torch.randn(4, 32, generator=g).requires_grad_(True)
+    b = torch.randn(16, 4, generator=g).requires_grad_(True)
+    compiled = torch.compile(lambda t: fastlora.lora_linear(t, w, a, b, 2.0), fullgraph=True, backend="aot_eager")
+    compiled(x).float().sum().backward()
+    assert a.grad is not None and b.grad is not None
+    assert tuning.tuner().decisions() == {}
