@@ -4,11 +4,13 @@
 #   benchmarks/gpu_checks.sh DIR kernels [SUITES]  # fastlora bench of the kernel suites (all, or a comma list)
 #   benchmarks/gpu_checks.sh DIR training   # fastlora bench --checkpointing, then --max-context
 #   benchmarks/gpu_checks.sh DIR static     # every kernel timed beside the static model's estimate (~1 min)
+#   benchmarks/gpu_checks.sh DIR tune       # measured dispatch on the GPU: an 8B-shaped QLoRA step at few rows
+#                                           # (fused NF4 GEMM vs dequantize + cuBLAS) and at 2048, decisions kept
 # Wheels of missing packages (bitsandbytes, liger-kernel) found in .whl/ are installed first, without network.
 set -uo pipefail
-dir=${1:?usage: benchmarks/gpu_checks.sh DIR tests|kernels|training|static}
-stage=${2:?usage: benchmarks/gpu_checks.sh DIR tests|kernels|training|static}
-case "$stage" in tests|kernels|training|static) ;; *) echo "gpu_checks.sh: stage must be tests, kernels, training or static, not $stage" >&2; exit 2 ;; esac
+dir=${1:?usage: benchmarks/gpu_checks.sh DIR tests|kernels|training|static|tune}
+stage=${2:?usage: benchmarks/gpu_checks.sh DIR tests|kernels|training|static|tune}
+case "$stage" in tests|kernels|training|static|tune) ;; *) echo "gpu_checks.sh: stage must be tests, kernels, training, static or tune, not $stage" >&2; exit 2 ;; esac
 mkdir -p "$dir"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -29,6 +31,13 @@ case "$stage" in
     ;;
   static)
     env -u TRITON_INTERPRET python3 -m fastlora.benchmarks.static.timed --out "$dir" 2>&1 | tee "$dir/static-timed.log"
+    ;;
+  tune)
+    export FASTLORA_TUNING_CACHE="$dir/tuning.json"
+    for rows in 16 2048; do  # each run builds the 8B-shaped model once (random NF4 weights)
+      fastlora tune --config 8b --seq-len "$rows" --batch-size 1 2>&1 | tee -a "$dir/tune.log"
+    done
+    fastlora env 2>&1 | tee "$dir/env-tuned.txt"
     ;;
   training)
     fastlora bench --checkpointing --results-dir "$dir" 2>&1 | tee "$dir/bench-checkpointing.log"
