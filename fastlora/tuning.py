@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ._logging import logger
-from .dispatch import Backend, capable_backends, decide, is_auto
+from .dispatch import Backend, capable_backends, decide, is_auto, request_state
 
 #: Wall time one candidate may take to be timed, per key (after its warm-up); at least 3 rounds are made.
 BUDGET_S = 0.05
@@ -272,6 +272,63 @@ def _measure(key: str, candidates: list[str], static: str, device: torch.device,
     logger.info("fastlora tuning: %s -> %s (%s; %.3f s spent)", key, m.backend,
                 ", ".join(f"{c} {t} us" for c, t in m.times_us.items()), m.spent_s)
     return m
+
+
+# Choices made in this process, by (op, train, device, dtype, rows' power of two, shape, what asks for backends,
+# the tuning settings): one dict lookup a call once made (the full path costs ~40 us: too much for every
+# projection of every step).
+_CHOICES: dict[tuple, str] = {}
+
+
+def measured_variant(op: str, x: torch.Tensor, shape: tuple, options: Callable[[], list[str]],
+                     run: Callable[[str, Callable[[torch.Tensor], torch.Tensor] | None], tuple[torch.Tensor, ...]],
+                     train: bool) -> str:
+    """Which of an op's ``options()`` (the static choice first) computes this call: where several can, the one
+    with the fastest forward (and backward, when training) on this device, measured once per shape and kept
+    (:func:`choose_variant`).
+
+    ``run(variant, grad)`` computes the call and returns the outputs checked against the first option's; when
+    ``grad`` is given (training), also the backward, with ``grad(y)`` as the upstream gradient of an output ``y``
+    (the same for every variant). It leaves the inputs and parameters untouched (no ``.grad`` accumulated).
+    ``x``'s rows, device and dtype, and ``shape`` (what else changes the options or their speed) key the choice.
+    Under torch.compile the static choice is traced (the measuring and its context variables stay out of graphs).
+    """
+    if torch.compiler.is_compiling():
+        return options()[0]
+    key = (op, train, x.device, x.dtype, max(0, x.shape[0] - 1).bit_length(), shape,
+           request_state(op, "nf4_matmul"), state())
+    chosen = _CHOICES.get(key)
+    if chosen is not None:
+        return chosen
+    found = options()
+    if len(found) < 2:
+        chosen = found[0]
+    else:
+        probes: dict[tuple, torch.Tensor] = {}
+
+        def grad(y: torch.Tensor) -> torch.Tensor:  # drawn under the measuring's own RNG state, once per shape
+            key = (tuple(y.shape), y.dtype)
+            if key not in probes:
+                probes[key] = torch.randn(y.shape, dtype=y.dtype, device=y.device)
+            return probes[key]
+
+        def timed(variant: str) -> tuple[torch.Tensor, ...]:
+            with torch.no_grad():
+                return run(variant, grad if train else None)
+
+        name = "x".join(str(n) for n in _ints(shape))
+        chosen = choose_variant(f"{op}.{'train' if train else 'infer'}", x.device, x.dtype,
+                                f"{bucket(x.shape[0])}x{name}", found, timed, close_max(x.dtype), tune=is_auto(op))
+    if not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # capture: static, not kept
+        _CHOICES[key] = chosen
+    return chosen
+
+
+def _ints(value: object) -> list[int]:
+    """The integers in a nested shape key, in order (what names a decision in the tuning file)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    return [n for v in value for n in _ints(v)] if isinstance(value, tuple) else []
 
 
 def _device_name(device: torch.device | str) -> str:

@@ -15,7 +15,9 @@ The LoRA branch runs in the compute dtype (the activations', ``compute_dtype``, 
 dtype, as ``F.linear``) with fp32 accumulation in the GEMMs; adapters kept in fp32 (PEFT's default) are cast for
 the GEMMs and get fp32 gradients. So with bf16 activations the branch has the precision PEFT's has under autocast
 (HF Trainer's ``bf16=True``; the adapters' gradients were equal to PEFT's there bit for bit in a measured case),
-not the fp32 one PEFT computes without autocast.
+not the fp32 one PEFT computes without autocast. Where that fp32 branch measures faster (skinny half-precision
+GEMMs are slower than fp32 ones on some CPUs), the FP32_BRANCH variant runs it, with PEFT's numerics without
+autocast (see :func:`variants`; measured by :mod:`fastlora.tuning`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..dispatch import Backend, is_auto, request_state, would_run
-from ..tuning import bucket, choose_variant, close_max
-from ..tuning import state as tuning_state
+from ..dispatch import Backend, would_run
+from ..tuning import measured_variant
 from ._autocast import autocast_disabled, autocast_dtype, autocast_off
 from ._library import call, define
 from ._workspace import workspace
@@ -395,63 +396,6 @@ def _variant(x: torch.Tensor, base: torch.Tensor | NF4Weight, bias: torch.Tensor
 
     shape = (type(base), *base.shape, *((a.shape[0], a.dtype) for a in A))
     return measured_variant("lora_linear", x, shape, lambda: variants(base, x, A), run, train)
-
-
-# Choices made in this process, by (op, train, device, dtype, rows' power of two, shape, what asks for backends,
-# the tuning settings): one dict lookup a call once made (the full path costs ~40 us: too much for every
-# projection of every step).
-_CHOICES: dict[tuple, str] = {}
-
-
-def measured_variant(op: str, x: torch.Tensor, shape: tuple, options: Callable[[], list[str]],
-                     run: Callable[[str, Callable[[torch.Tensor], torch.Tensor] | None], tuple[torch.Tensor, ...]],
-                     train: bool) -> str:
-    """Which of an op's ``options()`` (the static choice first) computes this call: where several can, the one
-    with the fastest forward (and backward, when training) on this device, measured once per shape and kept
-    (:func:`fastlora.tuning.choose_variant`).
-
-    ``run(variant, grad)`` computes the call and returns the outputs checked against the first option's; when
-    ``grad`` is given (training), also the backward, with ``grad(y)`` as the upstream gradient of an output ``y``
-    (the same for every variant). It leaves the inputs and parameters untouched (no ``.grad`` accumulated).
-    ``x``'s rows, device and dtype, and ``shape`` (what else changes the options or their speed) key the choice.
-    Under torch.compile the static choice is traced (the measuring and its context variables stay out of graphs).
-    """
-    if torch.compiler.is_compiling():
-        return options()[0]
-    key = (op, train, x.device, x.dtype, max(0, x.shape[0] - 1).bit_length(), shape,
-           request_state(op, "nf4_matmul"), tuning_state())
-    chosen = _CHOICES.get(key)
-    if chosen is not None:
-        return chosen
-    found = options()
-    if len(found) < 2:
-        chosen = found[0]
-    else:
-        probes: dict[tuple, torch.Tensor] = {}
-
-        def grad(y: torch.Tensor) -> torch.Tensor:  # drawn under the measuring's own RNG state, once per shape
-            key = (tuple(y.shape), y.dtype)
-            if key not in probes:
-                probes[key] = torch.randn(y.shape, dtype=y.dtype, device=y.device)
-            return probes[key]
-
-        def timed(variant: str) -> tuple[torch.Tensor, ...]:
-            with torch.no_grad():
-                return run(variant, grad if train else None)
-
-        name = "x".join(str(n) for n in _ints(shape))
-        chosen = choose_variant(f"{op}.{'train' if train else 'infer'}", x.device, x.dtype,
-                                f"{bucket(x.shape[0])}x{name}", found, timed, close_max(x.dtype), tune=is_auto(op))
-    if not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # capture: static, not kept
-        _CHOICES[key] = chosen
-    return chosen
-
-
-def _ints(value: object) -> list[int]:
-    """The integers in a nested shape key, in order (what names a decision in the tuning file)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    return [n for v in value for n in _ints(v)] if isinstance(value, tuple) else []
 
 
 def gemm_dtypes(op: str, x: torch.Tensor, compute_dtype: torch.dtype | None) -> tuple[torch.dtype, torch.dtype]:

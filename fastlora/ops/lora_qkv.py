@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..kernels._utils import empty
+from ..tuning import measured_variant
 from ._autocast import autocast_disabled, autocast_off
 from ._library import call, define
 from ._workspace import workspace
@@ -38,7 +39,6 @@ from .lora import (
     flat_input,
     gemm_dtypes,
     lora_linear_reference,
-    measured_variant,
     save_adapters,
     saved_adapters,
 )
@@ -294,7 +294,7 @@ def lora_qkv(x: torch.Tensor, bases: Sequence[Base], A: Sequence[torch.Tensor], 
 
 def _variant(x: torch.Tensor, bases: Sequence[Base], biases: list[torch.Tensor | None], A: list[torch.Tensor],
              B: list[torch.Tensor], scaling: list[float], dropout_p: list[float], train: bool) -> str:
-    """The variant this call of ``lora_qkv`` runs (:func:`fastlora.ops.lora.measured_variant`)."""
+    """The variant this call of ``lora_qkv`` runs (:func:`fastlora.tuning.measured_variant`)."""
     def run(variant: str, grad: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
         dropped, masks = dropout_inputs(x, A, dropout_p, variant)
         y, xa = _forward(x, bases, biases, dropped, A, B, scaling, variant)

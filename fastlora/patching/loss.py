@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..ops.cross_entropy import cross_entropy
 from ..ops.linear_cross_entropy import DEFAULT_CHUNK_BYTES, fused_linear_cross_entropy
-from ..ops.lora import measured_variant
+from ..tuning import measured_variant
 from .coverage import Coverage
 from .families import Family
 

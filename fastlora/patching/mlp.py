@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 
 from ..dispatch import use_backend
-from ..ops.lora import measured_variant
 from ..ops.lora_mlp import LoRAProjection, lora_mlp
+from ..tuning import measured_variant
 from .coverage import paused as coverage_paused
 from .families import Family
 from .peft_lora import NothingToFuse, UnsupportedLoRA, lora_args

@@ -56,7 +56,8 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
             keep PEFT's forward and are listed with the reason), and an attention's q, k and v projections, when
             all three are plain LoRA layers, on one :func:`fastlora.lora_qkv`.
         loss: ``"fused_linear"`` (training with labels never makes the logits, unless all of them fit in one chunk
-            of the fused loss and measure faster; the output's ``logits`` is then None), ``"logits"`` (fastlora's cross-entropy on the logits) or None (transformers' loss).
+            of the fused loss and measure faster; the output's ``logits`` is then None), ``"logits"`` (fastlora's
+            cross-entropy on the logits) or None (transformers' loss).
         rope: rotate q and k with :func:`fastlora.apply_rope`. Unless a backend is forced, each shape's first call
             measures it against transformers' function and the faster one runs (fastlora.tuning); with
             ``FASTLORA_TUNE=0`` RoPE is left alone on a CPU (only the reference would run there, slower).

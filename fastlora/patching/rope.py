@@ -19,8 +19,8 @@ import torch
 
 from .. import tuning
 from ..dispatch import Backend, is_auto, resolve_backend, use_backend
-from ..ops.lora import measured_variant
 from ..ops.rope import apply_rope
+from ..tuning import measured_variant
 from .coverage import Coverage
 
 # The calling attention's call counter while a patched attention runs, else None.
