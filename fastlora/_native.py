@@ -7,6 +7,9 @@ Environment:
     FASTLORA_NATIVE=0       never load or build the extension.
     FASTLORA_CACHE_DIR      where just-in-time builds go (default: $XDG_CACHE_HOME/fastlora or ~/.cache/fastlora).
     FASTLORA_CSRC_DIR       the C++/CUDA sources (default: csrc/ beside the package, in a checkout).
+    FASTLORA_CPU_ISA        force a SIMD path of the C++ CPU kernels: avx512, avx2 or portable (default: the
+                            widest this CPU runs, no wider than ATEN_CPU_CAPABILITY names); read at every call.
+    FASTLORA_CPU_HUGEPAGES=0  never advise transparent huge pages for a fresh output (csrc/cpu/nf4.cpp says why).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def collect(device: torch.device | str | None = None) -> dict[str, object]:
         "platform": f"{platform.system()} {platform.machine()}",
         "device": info.to_dict(),
         "native": {"loaded": _native.how_loaded(), "error": _native.load_error(),
-                   "kernels": sorted(f"{op}:{dev}" for op, dev in _native.kernels())},
+                   "kernels": sorted(f"{op}:{dev}" for op, dev in _native.kernels()), "cpu_isa": _cpu_isa()},
         "ops": ops,
         "tuning": _tuning(),
         "checks": checks,
@@ -68,6 +68,16 @@ def collect(device: torch.device | str | None = None) -> dict[str, object]:
         "errors": errors,
         "ok": not errors,
     }
+
+
+def _cpu_isa() -> str | None:
+    """The SIMD path of the C++ CPU kernels here ("avx512", "avx2" or "portable"), None without the extension."""
+    if not _native.load() or not hasattr(torch.ops.fastlora, "native_cpu_isa"):
+        return None
+    try:
+        return torch.ops.fastlora.native_cpu_isa()
+    except RuntimeError as e:  # FASTLORA_CPU_ISA names a path this CPU lacks
+        return f"error: {str(e).strip().splitlines()[0]}"
 
 
 def _tuning() -> dict[str, object]:
@@ -139,6 +149,9 @@ def format_report(r: dict) -> str:
     rows.append(("Triton", ("usable: " if d["triton_usable"] else "not used: ") + d["triton_reason"]))
     native = r["native"]
     rows.append(("Native ext", native["loaded"] or f"unavailable ({native['error']})"))
+    if native.get("cpu_isa"):
+        rows.append(("CPU SIMD path", f"{native['cpu_isa']} (C++ NF4 dequantize; FASTLORA_CPU_ISA=avx512|avx2|portable "
+                                      "forces one)"))
     versions = d["versions"]
     rows.append(("Versions", ", ".join(f"{k} {versions.get(k) or '-'}" for k in
                                        ("torch", "cuda", "hip", "triton", "transformers", "peft", "bitsandbytes"))))

@@ -107,3 +107,14 @@ def test_out_provider_allocates_nothing(quick_results: dict[str, harness.Result]
     assert peak is not None and peak < out_bytes
     # The allocating provider holds at least its output.
     assert quick_results["fastlora"].peak_mem_bytes >= out_bytes
+
+
+def test_each_cpp_path_is_timed_exact_or_skipped_with_the_reason(quick_results: dict[str, harness.Result]) -> None:
+    for path in ("avx512", "avx2", "portable"):
+        for name in (f"fastlora-cpp-{path}", f"fastlora-cpp-{path}-out"):
+            r = quick_results[name]
+            assert r.status in ("ok", "skipped"), f"{name}: {r.status} {r.reason}"
+            if r.status == "ok":
+                assert r.max_error == 0.0, name
+            else:
+                assert r.reason, name

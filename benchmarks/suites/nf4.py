@@ -8,8 +8,10 @@ Providers: ``torch`` (the pure-PyTorch reference, eager: the gate's oracle), ``c
 reference), ``bitsandbytes`` (``dequantize_4bit`` of the same weight viewed as a ``Params4bit``), ``fastlora``
 (backend chosen by the dispatcher), one per explicit backend (``fastlora-cpp`` on the CPU, ``fastlora-cuda`` and
 ``fastlora-triton`` on a GPU), and ``fastlora-out``: the dispatcher's choice writing into a preallocated buffer,
-as QLoRA layers reuse one across projections (it allocates nothing, so its peak memory is about zero). Forward
-only: dequantization has no gradient.
+as QLoRA layers reuse one across projections (it allocates nothing, so its peak memory is about zero). On the CPU,
+``fastlora-cpp-<path>`` and ``fastlora-cpp-<path>-out`` force each SIMD path of the C++ kernel (``avx512``,
+``avx2``, ``portable``; a path this CPU lacks is skipped with the reason); ``benchmarks/nf4_isa.py`` times the
+same interleaved. Forward only: dequantization has no gradient.
 
 Work (see :func:`work`): the packed codes, both levels of scales and the output; no flops, so the metric is GB/s
 and the share is of the copy bandwidth.
@@ -32,6 +34,7 @@ from ..harness import Case, Provider, Shape, Shapes, Suite, Unavailable, Work, r
 
 BLOCKSIZE = 64
 _EXPLICIT = {"fastlora-cpp": "cpp", "fastlora-cuda": "cuda", "fastlora-triton": "triton"}
+_CPU_PATHS = ("avx512", "avx2", "portable")
 
 
 def work(shape: Shape, dtype: torch.dtype, blocksize: int = BLOCKSIZE) -> Work:
@@ -95,6 +98,29 @@ def _explicit(provider: str, device: torch.device, dtype: torch.dtype) -> str:
     return backend
 
 
+def _cpu_path(provider: str, w: NF4Weight, device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    from ..nf4_isa import forced, path_support
+
+    path = provider.removeprefix("fastlora-cpp-").removesuffix("-out")
+    backend = _explicit("fastlora-cpp", device, dtype)
+    why = path_support()[path]
+    if why:
+        raise Unavailable(why)
+    if not provider.endswith("-out"):
+        def fresh() -> torch.Tensor:
+            with forced(path):
+                return fastlora.dequantize_nf4(w, backend=backend)
+
+        return fresh
+    out = torch.full(w.shape, float("nan"), dtype=dtype, device=device)
+
+    def reused() -> torch.Tensor:
+        with forced(path):
+            return fastlora.dequantize_nf4(w, backend=backend, out=out)
+
+    return reused
+
+
 def _implementation(provider: str, w: NF4Weight, device: torch.device,
                     dtype: torch.dtype) -> Callable[[], torch.Tensor]:
     if provider == "torch":
@@ -111,6 +137,8 @@ def _implementation(provider: str, w: NF4Weight, device: torch.device,
         # NaN until written: the gate's run would see any element the kernel skips.
         out = torch.full(w.shape, float("nan"), dtype=dtype, device=device)
         return lambda: fastlora.dequantize_nf4(w, out=out)
+    if provider.startswith("fastlora-cpp-"):
+        return _cpu_path(provider, w, device, dtype)
     if provider in _EXPLICIT:
         backend = _explicit(provider, device, dtype)
         return lambda: fastlora.dequantize_nf4(w, backend=backend)
@@ -134,6 +162,7 @@ SUITE = Suite(
         Provider("fastlora", "fastlora"),
         Provider("fastlora-out", "fastlora"),
         Provider("fastlora-cpp", "fastlora"),
+        *(Provider(f"fastlora-cpp-{path}{out}", "fastlora") for path in _CPU_PATHS for out in ("", "-out")),
         Provider("fastlora-cuda", "fastlora"),
         Provider("fastlora-triton", "fastlora"),
     ),
