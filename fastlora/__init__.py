@@ -32,6 +32,7 @@ from .ops import (
     swiglu,
 )
 from .patching import PatchReport, patch, unpatch
+from .plan import Plan, plan
 
 try:
     __version__ = importlib.metadata.version("fastlora")
@@ -47,6 +48,7 @@ __all__ = [
     "OffloadStats",
     "OffloadedCheckpointing",
     "PatchReport",
+    "Plan",
     "apply_rope",
     "cross_entropy",
     "dequantize_nf4",
@@ -56,6 +58,7 @@ __all__ = [
     "lora_mlp",
     "lora_qkv",
     "patch",
+    "plan",
     "quantize_nf4",
     "resolve_backend",
     "swiglu",

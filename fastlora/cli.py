@@ -1,5 +1,6 @@
 """The `fastlora` command: `fastlora demo` (train unpatched vs patched), `fastlora env` (setup report),
-`fastlora tune` (measured dispatch ahead of a run) and `fastlora bench` (kernel benchmarks)."""
+`fastlora tune` (measured dispatch ahead of a run), `fastlora plan` (the memory a training step needs, and the
+longest sequence that fits a GPU) and `fastlora bench` (kernel benchmarks)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      "with random weights")
     _model_arguments(tune)
 
+    plan = sub.add_parser("plan", help="plan the memory of a LoRA/QLoRA training step on a GPU (no GPU needed: the "
+                                       "step runs on the meta device) and the longest sequence that fits")
+    _plan_arguments(plan)
+
     bench = sub.add_parser("bench", help="benchmark the kernels against torch, torch.compile and peers")
     argv = sys.argv[1:] if argv is None else argv
     # The harness is imported only for `bench`, so that `env` keeps working when it cannot be.
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(args)
     if args.command == "tune":
         return _tune(args)
+    if args.command == "plan":
+        return _plan(args)
     return bench_cli.run(args)
 
 
@@ -88,6 +95,39 @@ def _tune(args: argparse.Namespace) -> int:
         times = ", ".join(f"{b} {t} us" for b, t in m.times_us.items())
         excluded = "".join(f"; {b} excluded: {why}" for b, why in m.excluded.items())
         print(f"  {key}  ->  {m.backend}  ({times}{excluded})")
+    return 0
+
+
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="a known model (llama-3.1-8b, llama-3-8b, llama-3-70b, "
+                                                        "llama-3.1-70b) or a path to a config.json")
+    parser.add_argument("--gpu", default="H100-80GB", help="a GPU from the table (H100-80GB, A100-40GB, L4-24GB, "
+                                                          "T4-16GB, 8GB, ...), 'cpu', or a size in bytes")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank on every linear layer (default 16)")
+    parser.add_argument("--qlora", action="store_true", help="NF4 base weights (bitsandbytes, double quant)")
+    parser.add_argument("--checkpointing", choices=("off", "standard", "offload"), default="off",
+                        help="gradient checkpointing: off, standard (transformers') or offload (fastlora's, to CPU)")
+    parser.add_argument("--unpatched", action="store_true", help="plan the HF + PEFT (+ bitsandbytes) baseline")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="model dtype (default: the GPU's compute dtype)")
+    parser.add_argument("--no-max", action="store_true", help="skip the search for the longest sequence")
+    parser.add_argument("--max-seq-len-cap", type=int, default=None,
+                        help="search up to this length (default: the model's max_position_embeddings)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    device = int(args.gpu) if args.gpu.isdigit() else args.gpu
+    result = plan(args.config, batch=args.batch_size, seq_len=args.seq_len, rank=args.rank,
+                  quant="nf4" if args.qlora else None,
+                  checkpointing=None if args.checkpointing == "off" else args.checkpointing,
+                  patched=not args.unpatched, device=device, dtype=args.dtype, search_max_seq_len=not args.no_max,
+                  max_seq_len_cap=args.max_seq_len_cap)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
     return 0
 
 
