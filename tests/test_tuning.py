@@ -328,3 +328,24 @@ def test_compile_traces_the_static_variant_and_measures_nothing(tuned):
     compiled(x).float().sum().backward()
     assert a.grad is not None and b.grad is not None
     assert tuning.tuner().decisions() == {}
+
+
+def test_the_variant_check_takes_another_summation_order_but_not_garbage():
+    """fp32 results summed in another order (the loss on the logits against the fused loss differs so, beyond a few
+    fp32 ulps) pass the variants' check; an error of a percent of the largest magnitude, or a NaN, does not."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 4096, generator=g), torch.randn(4096, 64, generator=g)
+    ref = a @ b
+    other = sum(a[:, i:i + 512] @ b[i:i + 512] for i in range(4096 - 512, -1, -512))  # another order
+    assert not torch.equal(other, ref)
+    same = tuning.close_max(torch.float32)
+    assert same((other,), (ref,))
+    # As the fused loss's dX differs from the logits path's at a Llama model's last hidden state (measured 1.2e-6 of
+    # the largest magnitude): ten fp32 ulps, beyond 8.
+    shifted = ref.clone()
+    shifted[3, 5] += 10 * torch.finfo(torch.float32).eps * float(ref.abs().max())
+    assert same((shifted,), (ref,))
+    broken = ref.clone()
+    broken[3, 5] += 0.01 * float(ref.abs().max())
+    assert not same((broken,), (ref,))
+    assert not same((ref * float("nan"),), (ref,))
