@@ -7,7 +7,54 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2): the usage is one ``--help`` away."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(least: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}{why}, got {value}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type: a device this torch can use (a CUDA request on a CPU build says so)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None:
+        raise argparse.ArgumentTypeError(f"{text}: this torch has no CUDA (a CPU build: torch {torch.__version__})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (cpu, cuda, cuda:N)")
+    return text
+
+
+def _model_dir(text: str) -> str:
+    """An argparse type: a local model directory (nothing is downloaded)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no such directory: {text}")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,23 +65,26 @@ def main(argv: list[str] | None = None) -> int:
         $ fastlora env --json
         $ fastlora bench --quick --op swiglu
     """
-    parser = argparse.ArgumentParser(prog="fastlora", description=__doc__)
+    parser = _Parser(prog="fastlora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the dispatcher decides")
     sub = parser.add_subparsers(dest="command", required=True)
 
     env = sub.add_parser("env", help="report the device, each op's backend and why, and problems found")
     env.add_argument("--json", action="store_true", help="print the report as JSON")
-    env.add_argument("--device", default=None, help="device to report on (default: CUDA if present, else CPU)")
+    env.add_argument("--device", default=None, type=_device,
+                     help="device to report on (default: CUDA if present, else CPU)")
 
     demo = sub.add_parser("demo", help="train a small LoRA model unpatched, then patched, and compare")
-    demo.add_argument("--steps", type=int, default=20, help="training steps per run (default 20)")
-    demo.add_argument("--size", default=None, help="tiny (CPU default), small, or 8b (GPU default; random weights)")
+    demo.add_argument("--steps", type=_at_least(2, " (the first one warms up)"), default=20,
+                      help="training steps per run (default 20)")
+    demo.add_argument("--size", default=None, choices=("tiny", "small", "8b"),
+                      help="tiny (CPU default), small, or 8b (GPU default; random weights)")
     _model_arguments(demo)
 
     tune = sub.add_parser("tune", help="measure each op's backends at a model's shapes ahead of a run (the "
                                        "decisions are kept on disk and used by later runs)")
-    tune.add_argument("--config", default=None, help="tiny (CPU default), small or 8b: a Llama-architecture model "
-                                                     "with random weights")
+    tune.add_argument("--config", default=None, choices=("tiny", "small", "8b"),
+                      help="tiny (CPU default), small or 8b: a Llama-architecture model with random weights")
     _model_arguments(tune)
 
     plan = sub.add_parser("plan", help="plan the memory of a LoRA/QLoRA training step on a GPU (no GPU needed: the "
@@ -103,9 +153,9 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "llama-3.1-70b) or a path to a config.json")
     parser.add_argument("--gpu", default="H100-80GB", help="a GPU from the table (H100-80GB, A100-40GB, L4-24GB, "
                                                           "T4-16GB, 8GB, ...), 'cpu', or a size in bytes")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank on every linear layer (default 16)")
+    parser.add_argument("--seq-len", type=_at_least(1), default=2048, help="tokens per sequence (default 2048)")
+    parser.add_argument("--batch-size", type=_at_least(1), default=1, help="sequences per step (default 1)")
+    parser.add_argument("--rank", type=_at_least(1), default=16, help="LoRA rank on every linear layer (default 16)")
     parser.add_argument("--qlora", action="store_true", help="NF4 base weights (bitsandbytes, double quant)")
     parser.add_argument("--checkpointing", choices=("off", "standard", "offload"), default="off",
                         help="gradient checkpointing: off, standard (transformers') or offload (fastlora's, to CPU)")
@@ -133,11 +183,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and batch options `demo` and `tune` share."""
-    parser.add_argument("--model", default=None, help="a local transformers model directory instead")
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 4; 2 on a GPU)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64; 2048 on a GPU)")
+    parser.add_argument("--model", default=None, type=_model_dir, help="a local transformers model directory instead")
+    parser.add_argument("--batch-size", type=_at_least(1), default=None,
+                        help="sequences per step (default 4; 2 on a GPU)")
+    parser.add_argument("--seq-len", type=_at_least(2, " (a token and the next one it learns to predict)"),
+                        default=None, help="tokens per sequence (default 64; 2048 on a GPU)")
     parser.add_argument("--no-4bit", action="store_true", help="keep the base weights dense")
-    parser.add_argument("--device", default=None, help="device (default: CUDA if present, else CPU)")
+    parser.add_argument("--device", default=None, type=_device, help="device (default: CUDA if present, else CPU)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="what the model trains in (default: the device's compute dtype, bfloat16 or float16 "
                              "on a GPU, float32 on a CPU)")

@@ -171,6 +171,11 @@ def run_demo(*, steps: int = 20, size: str = "tiny", model_path: str | None = No
         raise ValueError(f"demo: size must be one of {', '.join(SIZES)}, got {size!r}")
     if steps < 2:
         raise ValueError(f"demo: steps must be at least 2 (the first one warms up), got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"demo: batch_size must be at least 1, got {batch_size}")
+    if seq_len < 2:
+        raise ValueError(f"demo: seq_len must be at least 2 (a token and the next one it learns to predict), got "
+                         f"{seq_len}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(dtype) if dtype is not None else fastlora.device_info(dev).compute_dtype
     model, tokenize, description = build_model(size, dev, dtype, four_bit=four_bit, seed=seed,

@@ -46,3 +46,40 @@ def test_bad_arguments():
         run_demo(size="huge")
     with pytest.raises(ValueError, match="steps must be at least 2"):
         run_demo(steps=1)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        run_demo(batch_size=0)
+    with pytest.raises(ValueError, match="seq_len must be at least 2"):
+        run_demo(seq_len=1)
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    ("demo --size huge", "invalid choice: 'huge'"),
+    ("demo --steps 1", "--steps: must be at least 2"),
+    ("demo --steps x", "expected an integer, got 'x'"),
+    ("demo --batch-size 0", "--batch-size: must be at least 1, got 0"),
+    ("demo --seq-len 1", "--seq-len: must be at least 2"),
+    ("demo --model /no/such/dir", "--model: no such directory: /no/such/dir"),
+    ("env --device tpu", "unknown device 'tpu'"),
+    ("tune --config huge", "invalid choice: 'huge'"),
+    ("plan --config llama-3.1-8b --rank 0", "--rank: must be at least 1"),
+])
+def test_command_line_errors_are_one_line_with_exit_2(argv, says, capsys):
+    from fastlora.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv.split())
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and err.startswith(f"fastlora {argv.split()[0]}: error: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a torch with a usable CUDA device")
+def test_a_cuda_request_without_cuda_says_so(capsys):
+    from fastlora.cli import main
+
+    for command in ("demo", "env"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--device", "cuda"])
+        assert exit_info.value.code == 2
+        cpu_build = torch.version.cuda is None and torch.version.hip is None
+        assert ("this torch has no CUDA" if cpu_build else "torch sees no CUDA device") in capsys.readouterr().err
