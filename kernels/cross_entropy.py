@@ -4,7 +4,8 @@ in the same launch (into a new buffer, or over the logits themselves).
 Per row, with x the (optionally soft-capped) logits, y the label, eps the label smoothing and z the z-loss weight:
     loss = (1 - eps) * (lse - x_y) + eps * (lse - mean(x)) + z * lse^2
     dloss/dx_j = softmax_j * (1 + 2 z lse) - eps / V - (1 - eps) * [j == y]     (times the soft-cap's derivative)
-Ignored rows have loss 0 and gradient 0; a label outside [0, V) gives a NaN loss instead of reading out of bounds.
+Ignored rows have loss 0 and gradient 0; a label outside [0, V) gives a NaN loss and a NaN gradient row instead of
+reading out of bounds.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def cross_entropy_fwd_kernel(p_logits, p_labels, p_grad, p_loss, p_lse, p_scale,
     if WRITE_GRAD:
         # Pass 2: the gradient, already scaled by the reduction (1 / count for a mean, or a per-row factor).
         # Each chunk is read before it is written, so the gradient may overwrite the logits in place.
-        b_scale = tl.where(valid, tl.load(p_scale + i_r * stride_scale).to(tl.float32), 0.0)
+        # A label out of range makes its row's gradient NaN, as its loss (torch would raise; fastlora does not sync).
+        b_scale = tl.where(valid, tl.where(in_range, tl.load(p_scale + i_r * stride_scale).to(tl.float32),
+                                           float("nan")), 0.0)
         p_grow = p_grad + i_r * stride_grad
         for v0 in range(0, V, BLOCK_V):
             o_v = v0 + tl.arange(0, BLOCK_V)

@@ -135,6 +135,10 @@ def test_label_out_of_range_is_nan_not_garbage(backend, device):
     labels[1, 2] = 11
     rows = fastlora.cross_entropy(logits, labels, reduction="none", backend=backend)
     assert torch.isnan(rows[1, 2]) and torch.isfinite(rows[0]).all()
+    # Its gradient row is NaN too (torch raises; no host sync here), the others stay finite.
+    x = logits.detach().clone().requires_grad_(True)
+    fastlora.cross_entropy(x, labels, reduction="sum", backend=backend).backward()
+    assert torch.isnan(x.grad[1, 2]).all() and torch.isfinite(x.grad[0]).all() and torch.isfinite(x.grad[1, :2]).all()
     labels[1, 2] = -3
     assert torch.isnan(fastlora.cross_entropy(logits, labels, backend=backend))
 

@@ -210,3 +210,16 @@ def test_benchmark_suite_gates_every_provider(monkeypatch):
         assert results[key].status == "ok", (key, results[key].reason)
     assert results[("fastlora", "full")].max_error < 1e-4
     assert results[("matmuls", "full")].max_error is None  # a floor is timed, not gated
+
+
+def test_a_label_out_of_range_makes_its_row_nan_not_garbage():
+    """As fastlora.cross_entropy: the loss and that token's hidden gradient are NaN (no host sync to raise), the
+    other tokens' gradients finite."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 8, generator=g).requires_grad_(True)
+    weight = torch.randn(11, 8, generator=g)
+    labels = torch.tensor([1, 2, 11, 3, -100, 4])
+    loss = fastlora.fused_linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(hidden.grad[2]).all()
+    assert torch.isfinite(hidden.grad[[0, 1, 3, 5]]).all() and torch.equal(hidden.grad[4], torch.zeros(8))

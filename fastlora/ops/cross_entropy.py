@@ -47,7 +47,7 @@ def cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, sca
     ``[N]``), in ``out`` when given (fp32, may be ``logits``): the kernel's formulas (module docstring of
     ``fastlora.kernels.cross_entropy``) in PyTorch, and the CPU path, so it works in place on its buffers.
 
-    A label outside ``[0, V)`` (and not ``ignore_index``) gives a NaN loss for its row.
+    A label outside ``[0, V)`` (and not ``ignore_index``) gives a NaN loss and a NaN gradient for its row.
     """
     x = logits.float()
     if softcap is not None:
@@ -76,8 +76,13 @@ def cross_entropy_rows_reference(logits: torch.Tensor, labels: torch.Tensor, sca
     grad.index_put_((rows_hit, safe), torch.where(hit, label_smoothing - 1, 0.0), accumulate=True)
     if softcap is not None:
         grad.mul_(1 - (x / softcap) ** 2)
-    # Ignored rows get 0, not 0 * scale: a mean over no valid row has an infinite scale.
-    return rows, grad.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
+    return rows, grad.mul_(_row_scale(scale, valid, in_range))
+
+
+def _row_scale(scale: torch.Tensor, valid: torch.Tensor, in_range: torch.Tensor) -> torch.Tensor:
+    """``[N, 1]``: each row's gradient factor. Ignored rows get 0, not 0 * scale (a mean over no valid row has an
+    infinite scale); a label out of range gets NaN, as its loss (torch would raise; this does not sync)."""
+    return torch.where(valid, torch.where(in_range, scale, float("nan")), 0.0).unsqueeze(1)
 
 
 def _plain_rows(x: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor, in_range: torch.Tensor, hit: torch.Tensor,
@@ -92,8 +97,7 @@ def _plain_rows(x: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor, in_ran
         return rows, None
     grad = torch.exp(logp, out=out) if out is not None else logp.exp_()  # softmax
     grad.scatter_add_(1, safe.unsqueeze(1), torch.where(hit, -1.0, 0.0).unsqueeze(1))
-    # Ignored rows get 0, not 0 * scale: a mean over no valid row has an infinite scale.
-    return rows, grad.mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
+    return rows, grad.mul_(_row_scale(scale, valid, in_range))
 
 
 def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor | None,
