@@ -318,9 +318,33 @@ def _env_names(op: str) -> tuple[str, str]:
     return f"FASTLORA_BACKEND_{op.upper()}", "FASTLORA_BACKEND"
 
 
+#: Ops that read ``FASTLORA_BACKEND_<OP>`` without backends of their own: setting it stops their variants being
+#: measured (fastlora.tuning), as any explicit choice does.
+VARIANT_OPS = frozenset({"lora_linear", "lora_qkv", "lora_mlp", "fused_linear_cross_entropy"})
+
+
+def unknown_backend_variables() -> list[str]:
+    """``FASTLORA_BACKEND_<NAME>`` variables set in the environment that name no op: a typo does nothing, so it is
+    reported (a WARNING at the first dispatch decision, and in ``fastlora env``).
+
+    Example:
+        >>> os.environ["FASTLORA_BACKEND_SWIGGLU"] = "torch"; unknown_backend_variables()
+        ['FASTLORA_BACKEND_SWIGGLU']
+    """
+    known = {_env_names(op)[0] for op in (*_POLICIES, *VARIANT_OPS)}
+    return sorted(k for k in os.environ if k.startswith("FASTLORA_BACKEND_") and k not in known)
+
+
+def _warn_unknown_variables() -> None:
+    for name in unknown_backend_variables():
+        log_once(logging.WARNING, name, "fastlora: %s is set but names no op (ops: %s): it has no effect", name,
+                 ", ".join(sorted(_POLICIES)))
+
+
 @functools.lru_cache(maxsize=4096)
 def _resolve_cached(op: str, info: DeviceInfo, dtype: torch.dtype | None, want: Backend, source: str,
                     native: frozenset[tuple[str, str]] | None) -> Decision:
+    _warn_unknown_variables()  # once per new decision: cheap, and a typo is seen before it misleads
     policy = _POLICIES.get(op)
     if policy is None:
         known = ", ".join(sorted(policies()))

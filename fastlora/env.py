@@ -106,7 +106,9 @@ def _run_checks(ops: list[dict], info: DeviceInfo) -> list[dict[str, object]]:
 
 
 def _warnings(info: DeviceInfo) -> list[str]:
-    out = []
+    from .dispatch import unknown_backend_variables
+
+    out = [f"{name} is set but names no op: it has no effect (a typo?)" for name in unknown_backend_variables()]
     v = info.versions
     if v.get("bitsandbytes") is None:
         out.append("bitsandbytes not installed: 4-bit layers will not be patched (pip install 'fastlora[bnb]')")

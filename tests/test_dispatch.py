@@ -246,3 +246,19 @@ def test_would_run_answers_for_requests_made_for_every_op(monkeypatch):
     monkeypatch.setenv("FASTLORA_BACKEND_NF4_MATMUL", "cuda")
     with pytest.raises(BackendUnavailableError, match="FASTLORA_BACKEND_NF4_MATMUL=cuda"):
         would_run("nf4_matmul", T, a100, bf16, native=NATIVE_ALL)
+
+
+def test_an_unknown_backend_variable_warns_once_and_env_lists_it(monkeypatch, caplog):
+    """FASTLORA_BACKEND_<TYPO> does nothing: the first dispatch decision warns, and fastlora env says so."""
+    import fastlora
+    from fastlora.env import collect
+
+    monkeypatch.setenv("FASTLORA_BACKEND_SWIGGLU", "torch")
+    monkeypatch.setenv("FASTLORA_BACKEND_SWIGLU", "torch")  # a real op's: not reported
+    monkeypatch.setenv("FASTLORA_BACKEND_LORA_LINEAR", "torch")  # an op measured by variants: not reported
+    assert dispatch.unknown_backend_variables() == ["FASTLORA_BACKEND_SWIGGLU"]
+    dispatch._resolve_cached.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        fastlora.swiglu(torch.randn(4), torch.randn(4))
+    assert any("FASTLORA_BACKEND_SWIGGLU is set but names no op" in r.getMessage() for r in caplog.records)
+    assert any("FASTLORA_BACKEND_SWIGGLU" in w for w in collect("cpu")["warnings"])
