@@ -510,3 +510,25 @@ def test_fused_forward_takes_arguments_as_transformers_does():
     assert inspect.signature(hf.forward) == inspect.signature(LlamaForCausalLM.forward.__get__(hf))
     with pytest.raises(TypeError, match="positional arguments"):
         hf(ids, *[None] * 20)
+
+
+def test_a_forced_backend_that_cannot_run_is_refused_at_patch_time(monkeypatch):
+    """patch(model, backend=...) with a backend this machine cannot run (Triton on a CPU without its interpreter) is
+    refused before anything changes, naming the op and why, rather than failing inside the first forward."""
+    from fastlora.device import _probe
+    from fastlora.dispatch import BackendUnavailableError, _resolve_cached
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _probe.cache_clear()
+    _resolve_cached.cache_clear()
+    try:
+        assert not fastlora.device_info("cpu").triton_usable
+        model = _tiny("llama")
+        with pytest.raises(BackendUnavailableError, match="backend='triton' cannot run rope on this model's cpu"):
+            fastlora.patch(model, backend="triton")
+        assert not any(type(m).__name__.startswith("FastLoRA") for m in model.modules())
+        fastlora.patch(model, backend="torch")  # one that can run is taken as before
+    finally:
+        monkeypatch.undo()
+        _probe.cache_clear()
+        _resolve_cached.cache_clear()

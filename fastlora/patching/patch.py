@@ -18,7 +18,7 @@ import torch
 from .. import tuning
 from .._logging import logger
 from ..checkpointing import OffloadedCheckpointing
-from ..dispatch import Backend
+from ..dispatch import Backend, BackendUnavailableError, resolve_backend
 from .checkpointing import patch_checkpointing
 from .coverage import CoverageReport
 from .families import Family, family_of
@@ -86,6 +86,8 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
         raise ValueError(f"fastlora.patch: checkpointing must be one of {_CHECKPOINTING} or an "
                          f"OffloadedCheckpointing, got {checkpointing!r}")
     forced = None if Backend.parse(backend, what="fastlora.patch") is Backend.AUTO else backend
+    if forced is not None:
+        _check_forced(hf, forced, lora=lora, rope=rope, mlp=mlp)
     options = dict(rope=rope, lora=lora, mlp=mlp, loss=loss, checkpointing=checkpointing, backend=backend)
     existing = getattr(hf, _ATTR, None)
     if existing is not None and not existing.undone:
@@ -115,6 +117,22 @@ def patch(model: torch.nn.Module, *, rope: bool = True, lora: bool = True, mlp: 
             report.set_attr(None, "", tuner, name, functools.partial(_unpatched_then, tuner, name))
     report.set_attr(None, "", hf, _ATTR, report)
     return report
+
+
+def _check_forced(hf: torch.nn.Module, backend: Backend | str, *, lora: bool, rope: bool, mlp: bool) -> None:
+    """Refuse, before anything changes, a forced backend that cannot run an op the patch routes through it on the
+    model's device and dtype (it would fail deep inside the first forward)."""
+    param = next(hf.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
+    four_bit = any(type(m).__name__ == "Linear4bit" for m in hf.modules())
+    ops = [op for op, used in (("rope", rope), ("glu", mlp), ("nf4_dequantize", lora and four_bit)) if used]
+    for op in ops:
+        try:
+            resolve_backend(op, device, dtype, backend)
+        except (BackendUnavailableError, TypeError) as e:
+            raise BackendUnavailableError(f"fastlora.patch: backend={str(backend)!r} cannot run {op} on this model's "
+                                          f"{device.type} ({e}); nothing was changed") from None
 
 
 def _unpatched_then(tuner: torch.nn.Module, name: str, *args: object, **kwargs: object) -> torch.nn.Module:
