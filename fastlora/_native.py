@@ -141,7 +141,10 @@ def _build_jit() -> str:
     name = f"fastlora_native_{digest.hexdigest()[:16]}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("building the native extension in %s (first use only)", build_dir)
+    if not (build_dir / f"{name}.so").exists():  # else ninja finds it up to date and only loads it
+        # A WARNING, not INFO: the first use stalls for a while, and a silent stall looks like a hang.
+        logger.warning("building fastlora's native kernels, once for these sources and this torch (~10-30 s), "
+                       "in %s", build_dir)
     cpp_extension.load(
         name=name, sources=[str(f) for f in files], build_directory=str(build_dir),
         extra_cflags=[*CXX_FLAGS, "-march=native"], extra_cuda_cflags=["-O3"], is_python_module=False, verbose=False,

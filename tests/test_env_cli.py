@@ -159,3 +159,27 @@ def test_env_on_gpu_runs_triton(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["device"]["vendor"] in ("nvidia", "amd")
     assert any(c["backend"] == "triton" and c["ok"] for c in report["checks"])
+
+
+def test_a_first_build_says_so_once_and_a_built_extension_loads_quietly(tmp_path, monkeypatch, caplog):
+    """The just-in-time build stalls the first use for seconds: one WARNING names it and where it goes; when the
+    library is already built for these sources, nothing is said (the build itself is stubbed here)."""
+    import logging
+
+    from torch.utils import cpp_extension
+
+    from fastlora import _native
+
+    built = []
+    monkeypatch.setenv("FASTLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda name, build_directory, **_: built.append((name, build_directory)))
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        _native._build_jit()
+    (name, where), = built
+    assert [r.getMessage() for r in caplog.records if "building fastlora's native kernels" in r.getMessage()] == [
+        f"building fastlora's native kernels, once for these sources and this torch (~10-30 s), in {where}"]
+    (tmp_path / name / f"{name}.so").write_bytes(b"")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastlora"):
+        _native._build_jit()
+    assert not caplog.records and len(built) == 2
