@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,11 +36,15 @@ SIZES: dict[str, dict[str, int]] = {
 
 @dataclass
 class RunResult:
-    """One training run: the loss of every step, tokens per second (after the first step) and peak memory."""
+    """One training run: the loss of every step, tokens per second (the median over the timed steps, with the 20th
+    and 80th percentiles), each timed step's seconds, and peak memory."""
 
     name: str
     losses: list[float] = field(default_factory=list)
     tokens_per_s: float = 0.0
+    tokens_per_s_p20: float = 0.0
+    tokens_per_s_p80: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
     peak_bytes: int = 0
 
 
@@ -49,6 +55,7 @@ class DemoResult:
     description: str
     runs: list[RunResult]
     patch_report: str
+    load: tuple[float, float] = (0.0, 0.0)  # the 1-minute load average before and after, to set against the cores
 
 
 def corpus_bytes() -> bytes:
@@ -112,7 +119,7 @@ class _Trainer:
     def __init__(self, model: torch.nn.Module, device: torch.device, name: str):
         self.model, self.device = model, device
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-        self.result, self.seconds, self.tokens = RunResult(name), 0.0, 0
+        self.result, self.tokens = RunResult(name), 0
         model.train()
 
     def step(self, ids: torch.Tensor, *, timed: bool = True) -> float:
@@ -125,8 +132,8 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())  # waits for the step on a GPU
         if timed:
-            self.seconds += time.perf_counter() - start
-            self.tokens += ids.numel()
+            self.result.step_seconds.append(time.perf_counter() - start)
+            self.tokens = ids.numel()
         return value
 
     def _sync(self) -> None:
@@ -146,7 +153,10 @@ def _train_side_by_side(trainers: list[_Trainer], batches: list[torch.Tensor],
             if progress:
                 progress(f"{t.result.name} step {i + 1}/{len(batches)} loss {t.result.losses[-1]:.3f}")
     for t in trainers:
-        t.result.tokens_per_s = t.tokens / max(t.seconds, 1e-9)
+        # Medians of the steps (each model's step i ran beside the other's): a machine that stalls now and then
+        # moves a mean, not a median.
+        p20, p50, p80 = _percentiles([t.tokens / max(sec, 1e-9) for sec in t.result.step_seconds])
+        t.result.tokens_per_s, t.result.tokens_per_s_p20, t.result.tokens_per_s_p80 = p50, p20, p80
         # One more step, measured for memory alone (the CPU measurement slows it down).
         t.result.peak_bytes = peak_memory(lambda t=t: t.step(batches[-1], timed=False), t.device)
 
@@ -186,9 +196,52 @@ def run_demo(*, steps: int = 20, size: str = "tiny", model_path: str | None = No
     patched_model = copy.deepcopy(model)
     report = fastlora.patch(patched_model)
     trainers = [_Trainer(model, dev, "unpatched"), _Trainer(patched_model, dev, "fastlora")]
+    before = _load()
     _train_side_by_side(trainers, batches, progress)
     return DemoResult(f"{description}; {steps} steps of {batch_size} x {seq_len} tokens on {dev.type} in {dtype}",
-                      [t.result for t in trainers], str(report))
+                      [t.result for t in trainers], str(report), (before, _load()))
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not on this platform
+        return 0.0
+
+
+def _percentiles(values: list[float]) -> tuple[float, float, float]:
+    """(20th, 50th, 80th) percentiles; the value itself for one."""
+    if len(values) < 2:
+        v = values[0] if values else 0.0
+        return v, v, v
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return q[1], statistics.median(values), q[7]
+
+
+#: A ratio is printed with a warning when the per-step ratios' 20th-80th percentile range is wider than this
+#: fraction of their median: the machine's swing is then as large as the difference measured.
+WIDE_SPREAD = 0.15
+
+
+def speed_ratio(result: DemoResult) -> tuple[float, float, float]:
+    """Patched over unpatched speed, step by step (step i of both ran in turn): (p20, median, p80)."""
+    base, fast = result.runs
+    ratios = [b / f for b, f in zip(base.step_seconds, fast.step_seconds, strict=True) if f > 0]
+    return _percentiles(ratios)
+
+
+def warnings_for(result: DemoResult) -> list[str]:
+    """Why a ratio may not be trusted: a busy machine (load above its cores) or a wide spread of the step ratios."""
+    out = []
+    cores = os.cpu_count() or 1
+    if max(result.load) > cores:
+        out.append(f"the machine was busy (load {max(result.load):.1f} on {cores} cores): other work shares the "
+                   "cores and the speeds swing; run again when it is quiet")
+    p20, p50, p80 = speed_ratio(result)
+    if p50 > 0 and (p80 - p20) / p50 > WIDE_SPREAD:
+        out.append(f"the step ratios spread from {p20:.2f}x to {p80:.2f}x (20th-80th percentile): too wide to tell "
+                   "the two apart reliably; run more steps or on a quieter machine")
+    return out
 
 
 def format_result(result: DemoResult, *, rows: int = 10) -> str:
@@ -198,8 +251,15 @@ def format_result(result: DemoResult, *, rows: int = 10) -> str:
     shown = sorted({round(i * (n - 1) / max(1, rows - 1)) for i in range(rows)})
     lines = [result.description, "", f"{'step':>6}  {'unpatched loss':>14}  {'fastlora loss':>14}"]
     lines += [f"{i + 1:>6}  {base.losses[i]:>14.4f}  {fast.losses[i]:>14.4f}" for i in shown]
-    speed = fast.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
-    lines += ["", f"{'tokens/s':>22}  {base.tokens_per_s:>14,.0f}  {fast.tokens_per_s:>14,.0f}  ({speed:.2f}x)",
-              f"{'peak MiB (one step)':>22}  {base.peak_bytes / 2**20:>14.1f}  {fast.peak_bytes / 2**20:>14.1f}",
-              "", result.patch_report]
+    p20, speed, p80 = speed_ratio(result)
+    lines += ["", f"{'tokens/s (median)':>22}  {base.tokens_per_s:>14,.0f}  {fast.tokens_per_s:>14,.0f}  "
+                  f"({speed:.2f}x, p20-p80 {p20:.2f}-{p80:.2f}x over {len(base.step_seconds)} interleaved steps)",
+              f"{'p20-p80':>22}  {_span(base):>14}  {_span(fast):>14}",
+              f"{'peak MiB (one step)':>22}  {base.peak_bytes / 2**20:>14.1f}  {fast.peak_bytes / 2**20:>14.1f}"]
+    lines += [f"WARNING: {w}" for w in warnings_for(result)]
+    lines += ["", result.patch_report]
     return "\n".join(lines)
+
+
+def _span(run: RunResult) -> str:
+    return f"{run.tokens_per_s_p20:,.0f}-{run.tokens_per_s_p80:,.0f}"

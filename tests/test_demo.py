@@ -22,6 +22,8 @@ def test_thirty_steps_follow_the_unpatched_loss_curve():
     assert unpatched.losses[-1] < unpatched.losses[0] - 0.5  # it learns
     torch.testing.assert_close(torch.tensor(patched.losses), torch.tensor(unpatched.losses), rtol=1e-4, atol=1e-4)
     assert unpatched.tokens_per_s > 0 and patched.tokens_per_s > 0 and patched.peak_bytes > 0
+    for r in result.runs:  # every step after the first timed, the median between its percentiles
+        assert len(r.step_seconds) == 29 and r.tokens_per_s_p20 <= r.tokens_per_s <= r.tokens_per_s_p80
     assert "lora_linear" in result.patch_report
 
 
@@ -83,3 +85,28 @@ def test_a_cuda_request_without_cuda_says_so(capsys):
         assert exit_info.value.code == 2
         cpu_build = torch.version.cuda is None and torch.version.hip is None
         assert ("this torch has no CUDA" if cpu_build else "torch sees no CUDA device") in capsys.readouterr().err
+
+
+def test_speed_is_the_median_of_interleaved_steps_with_its_spread_and_warnings():
+    """tokens/s is each run's median over its timed steps with the 20th-80th percentiles; the ratio is the median of
+    the step-by-step ratios; a busy machine or a wide spread of those ratios is said, not hidden."""
+    import os
+
+    from fastlora.demo import DemoResult, RunResult, format_result, speed_ratio, warnings_for
+
+    def run(name, seconds):
+        return RunResult(name, losses=[1.0] * (len(seconds) + 1), tokens_per_s=1.0, step_seconds=seconds)
+
+    steady = DemoResult("d", [run("unpatched", [1.0, 1.0, 1.1, 1.0, 0.9]), run("fastlora", [0.5] * 5)], "r",
+                        (0.0, 0.0))
+    p20, p50, p80 = speed_ratio(steady)
+    assert p20 <= p50 == 2.0 <= p80 and warnings_for(steady) == []
+    assert "(2.00x, p20-p80" in format_result(steady) and "WARNING" not in format_result(steady)
+    cores = os.cpu_count() or 1
+    busy = DemoResult("d", steady.runs, "r", (0.1, cores + 1.0))
+    assert any("machine was busy" in w for w in warnings_for(busy))
+    swinging = DemoResult("d", [run("unpatched", [1.0, 3.0, 1.0, 3.0, 1.0]), run("fastlora", [1.0] * 5)], "r",
+                          (0.0, 0.0))
+    (warning,) = warnings_for(swinging)
+    assert "too wide" in warning and "WARNING: the step ratios spread" in format_result(swinging)
+
