@@ -27,8 +27,75 @@ def _swiglu_smoke(backend: Backend, device: torch.device) -> str:
     return f"swiglu on {device} matches the reference (max error {err:.1e})"
 
 
+def _close(op: str, backend: Backend, got: torch.Tensor, want: torch.Tensor, rel: float) -> float:
+    """The largest error relative to ``want``'s largest magnitude; AssertionError beyond ``rel``."""
+    err = float((got.float() - want.float()).abs().max()) / max(float(want.float().abs().max()), 1e-30)
+    if not err <= rel:
+        raise AssertionError(f"{op} on {backend} differs from the reference by {err:.3g} of its largest value")
+    return err
+
+
+def _glu_smoke(backend: Backend, device: torch.device) -> str:
+    from .ops._library import call
+    from .ops.glu import glu_reference
+
+    gu = torch.linspace(-4, 4, 2 * 3 * 34, device=device).view(3, 68)
+    err = _close("glu", backend, call("glu_fwd", gu, "silu", backend.value), glu_reference(gu, "silu"), 1e-5)
+    return f"glu on {device} matches the reference (max error {err:.1e})"
+
+
+def _nf4_weight(device: torch.device) -> object:
+    from .ops.nf4_weight import quantize_nf4
+
+    g = torch.Generator().manual_seed(0)
+    return quantize_nf4(torch.randn(64, 128, generator=g).to(device))
+
+
+def _nf4_dequantize_smoke(backend: Backend, device: torch.device) -> str:
+    from .ops.nf4 import dequantize_nf4
+
+    w = _nf4_weight(device)
+    if not torch.equal(dequantize_nf4(w, backend=backend), dequantize_nf4(w, backend="torch")):
+        raise AssertionError(f"nf4_dequantize on {backend} decodes other values than the reference")
+    return f"nf4_dequantize on {device} equals the reference bit for bit"
+
+
+def _nf4_matmul_smoke(backend: Backend, device: torch.device) -> str:
+    from .ops.nf4 import dequantize_nf4
+    from .ops.nf4_matmul import nf4_matmul
+
+    w = _nf4_weight(device)
+    x = torch.linspace(-1, 1, 4 * 128, device=device).view(4, 128)
+    err = _close("nf4_matmul", backend, nf4_matmul(x, w, backend=backend), x @ dequantize_nf4(w).t(), 1e-4)
+    return f"nf4_matmul on {device} matches dequantize + matmul (max error {err:.1e})"
+
+
+def _rope_smoke(backend: Backend, device: torch.device) -> str:
+    from .ops.rope import apply_rope, rope_reference
+
+    q = torch.linspace(-1, 1, 2 * 5 * 8, device=device).view(1, 2, 5, 8)
+    k = torch.linspace(1, -1, 5 * 8, device=device).view(1, 1, 5, 8)
+    angles = torch.outer(torch.arange(5.0, device=device), torch.linspace(0.1, 1, 4, device=device))
+    cos, sin = torch.cat([angles.cos()] * 2, -1)[None], torch.cat([angles.sin()] * 2, -1)[None]
+    got, want = apply_rope(q, k, cos, sin, backend=backend), rope_reference(q, k, cos, sin)
+    err = max(_close("rope", backend, g, w, 1e-5) for g, w in zip(got, want, strict=True))
+    return f"rope on {device} matches the reference (max error {err:.1e})"
+
+
+def _cross_entropy_smoke(backend: Backend, device: torch.device) -> str:
+    from .ops.cross_entropy import cross_entropy, cross_entropy_reference
+
+    logits = torch.linspace(-3, 3, 6 * 11, device=device).view(6, 11)
+    labels = torch.tensor([1, 0, 10, -100, 5, 7], device=device)
+    err = _close("cross_entropy", backend, cross_entropy(logits, labels, backend=backend),
+                 cross_entropy_reference(logits, labels), 1e-5)
+    return f"cross_entropy on {device} matches the reference (max error {err:.1e})"
+
+
 # A tiny run of each op, used to prove that the backend chosen for it compiles and computes.
-_SMOKE: dict[str, Callable[[Backend, torch.device], str]] = {"swiglu": _swiglu_smoke}
+_SMOKE: dict[str, Callable[[Backend, torch.device], str]] = {
+    "swiglu": _swiglu_smoke, "glu": _glu_smoke, "nf4_dequantize": _nf4_dequantize_smoke,
+    "nf4_matmul": _nf4_matmul_smoke, "rope": _rope_smoke, "cross_entropy": _cross_entropy_smoke}
 
 
 def collect(device: torch.device | str | None = None) -> dict[str, object]:

@@ -183,3 +183,17 @@ def test_a_first_build_says_so_once_and_a_built_extension_loads_quietly(tmp_path
     with caplog.at_level(logging.WARNING, logger="fastlora"):
         _native._build_jit()
     assert not caplog.records and len(built) == 2
+
+
+def test_env_runs_every_ops_chosen_backend_once(monkeypatch):
+    """Each op's chosen backend computes a small case against its reference; a wrong result is an error."""
+    import importlib
+
+    ce = importlib.import_module("fastlora.ops.cross_entropy")  # the package's cross_entropy is the function
+    report = env.collect("cpu")
+    checks = {c["op"]: c for c in report["checks"]}
+    assert set(checks) == set(fastlora.dispatch.policies()) and all(c["ok"] for c in checks.values()), checks
+    monkeypatch.setattr(ce, "cross_entropy_reference", lambda logits, labels: ce.cross_entropy(logits, labels) + 1)
+    report = env.collect("cpu")
+    assert not report["ok"]
+    assert any("cross_entropy on torch differs from the reference" in e for e in report["errors"])
