@@ -290,3 +290,21 @@ def test_softcap_keeps_small_logits_accurate(backend, op, device):
         (ref * grad_out).sum().backward()
         (lowp * grad_out.float()).sum().backward()
         assert_close_to_reference(x.grad, x64.grad, xl.grad, atol=1e-10, name=f"{where} grad")
+
+
+def test_validate_raises_like_torch_for_a_label_out_of_range():
+    """validate=True reads the labels (a host sync, opt-in) and names the first one out of range, as torch raises;
+    ignore_index and labels in range pass."""
+    logits = torch.randn(2, 3, 11)
+    labels = torch.tensor([[1, -100, 10], [0, 11, 2]])
+    with pytest.raises(ValueError, match=r"cross_entropy: label 11 at \(1, 1\) is outside \[0, 11\)"):
+        fastlora.cross_entropy(logits, labels, validate=True)
+    with pytest.raises(IndexError):  # what torch does with the same labels
+        torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1))
+    labels[1, 1] = 3
+    torch.testing.assert_close(fastlora.cross_entropy(logits, labels, validate=True),
+                               torch.nn.functional.cross_entropy(logits.view(-1, 11), labels.view(-1)))
+    hidden, weight = torch.randn(2, 3, 8), torch.randn(11, 8)
+    labels[0, 0] = -7
+    with pytest.raises(ValueError, match=r"fused_linear_cross_entropy: label -7 at \(0, 0\)"):
+        fastlora.fused_linear_cross_entropy(hidden, weight, labels, validate=True)

@@ -200,7 +200,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                   num_items_in_batch: torch.Tensor | int | None = None, inplace_backward: bool = False,
-                  backend: Backend | str = "auto") -> torch.Tensor:
+                  validate: bool = False, backend: Backend | str = "auto") -> torch.Tensor:
     """Cross-entropy over any vocabulary size in fp32, with the logits' gradient computed in the forward.
 
     Args:
@@ -214,6 +214,9 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
             ``reduction``, as in transformers.
         inplace_backward: write the gradient over ``logits`` (saves a ``[N, V]`` buffer; the logits are gone
             after the call, and autograd knows they were modified).
+        validate: raise a ValueError, as torch does, for a label outside ``[0, V)`` that is not ``ignore_index``.
+            It reads the labels on the host (a sync on a GPU, a graph break under torch.compile): off by default,
+            when such a label gives its row a NaN loss and a NaN gradient instead.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -233,6 +236,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     if labels.device != logits.device:
         raise ValueError(f"cross_entropy: labels are on {labels.device}, logits on {logits.device}")
     name = check_options("cross_entropy", reduction, label_smoothing, z_loss, softcap, backend)
+    if validate:
+        check_labels("cross_entropy", labels, logits.shape[-1], ignore_index)
     if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
         if not logits.is_contiguous():
             raise ValueError("cross_entropy: inplace_backward needs contiguous logits")
@@ -263,6 +268,15 @@ def _rows_viewable(t: torch.Tensor) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def check_labels(op: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """ValueError naming the first label outside ``[0, vocab)`` that is not ``ignore_index`` (a host sync)."""
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{op}: label {int(labels[where])} at {where} is outside [0, {vocab}) and is not "
+                         f"ignore_index ({ignore_index})")
 
 
 def check_options(op: str, reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,

@@ -20,7 +20,14 @@ from ..dispatch import Backend
 from ..kernels._utils import empty
 from ._autocast import autocast_disabled, autocast_dtype, autocast_off
 from ._library import call, define
-from .cross_entropy import check_options, cross_entropy_reference, cross_entropy_rows, loss_scale, reduce_rows
+from .cross_entropy import (
+    check_labels,
+    check_options,
+    cross_entropy_reference,
+    cross_entropy_rows,
+    loss_scale,
+    reduce_rows,
+)
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -145,7 +152,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
                                bias: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
                                label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                                num_items_in_batch: torch.Tensor | int | None = None,
-                               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                               max_chunk_bytes: int = DEFAULT_CHUNK_BYTES, validate: bool = False,
                                backend: Backend | str = "auto") -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without materialising the logits.
 
@@ -161,6 +168,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         labels: ``[...]`` int64 or int32; ``ignore_index`` rows contribute nothing.
         bias: optional ``[V]``.
         max_chunk_bytes: memory budget of one chunk of logits; fixes the number of tokens per chunk.
+        validate: raise a ValueError for a label out of range, as torch does (a host sync; see
+            :func:`fastlora.cross_entropy`); off, such a label gives a NaN loss and NaN gradients.
 
     Returns:
         A 0-dim fp32 loss, or ``[...]`` fp32 with ``reduction="none"``.
@@ -196,6 +205,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if not isinstance(max_chunk_bytes, int) or max_chunk_bytes <= 0:
         raise ValueError(f"fused_linear_cross_entropy: max_chunk_bytes must be a positive int, got {max_chunk_bytes!r}")
     name = check_options("fused_linear_cross_entropy", reduction, label_smoothing, z_loss, softcap, backend)
+    if validate:
+        check_labels("fused_linear_cross_entropy", labels, weight.shape[0], ignore_index)
     flat = hidden.reshape(-1, hidden.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
