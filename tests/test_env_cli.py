@@ -185,14 +185,20 @@ def test_a_first_build_says_so_once_and_a_built_extension_loads_quietly(tmp_path
     assert not caplog.records and len(built) == 2
 
 
-def test_env_runs_every_ops_chosen_backend_once(monkeypatch):
-    """Each op's chosen backend computes a small case against its reference; a wrong result is an error."""
+def test_env_runs_every_ops_chosen_backend_once(monkeypatch, tmp_path):
+    """Each op's chosen backend computes a small case against its reference; a wrong result is an error. A report
+    measures nothing, even with tuning on (every check names its backend)."""
     import importlib
 
+    from fastlora import tuning
+
     ce = importlib.import_module("fastlora.ops.cross_entropy")  # the package's cross_entropy is the function
+    monkeypatch.setenv("FASTLORA_TUNE", "1")
+    monkeypatch.setenv("FASTLORA_TUNING_CACHE", str(tmp_path / "tuning.json"))
     report = env.collect("cpu")
     checks = {c["op"]: c for c in report["checks"]}
     assert set(checks) == set(fastlora.dispatch.policies()) and all(c["ok"] for c in checks.values()), checks
+    assert tuning.tuner().decisions() == {}
     monkeypatch.setattr(ce, "cross_entropy_reference", lambda logits, labels: ce.cross_entropy(logits, labels) + 1)
     report = env.collect("cpu")
     assert not report["ok"]
