@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="small shapes and short timing windows: a smoke test, not a measurement")
     parser.add_argument("--results-dir", default=None, metavar="DIR",
                         help="where <device>.csv is appended to (default: $FASTLORA_RESULTS_DIR, else "
-                             "benchmarks/results under the working directory)")
+                             "~/.local/share/fastlora/results, $XDG_DATA_HOME honoured)")
     parser.add_argument("--no-save", action="store_true", help="print the tables only, write no CSV")
     parser.add_argument("--checkpointing", action="store_true",
                         help="time whole training steps (8B shape, 8K and 32K tokens) with offloaded against in-GPU "

@@ -49,7 +49,10 @@ def slugify(name: str) -> str:
 
 
 def results_dir(override: str | os.PathLike[str] | None = None) -> Path:
-    """``override``, else ``$FASTLORA_RESULTS_DIR``, else ``benchmarks/results`` under the working directory.
+    """``override``, else ``$FASTLORA_RESULTS_DIR``, else the user's data directory
+    (``$XDG_DATA_HOME/fastlora/results``, by default ``~/.local/share/fastlora/results``): never a directory that
+    happens to be the current one (the project's own ``benchmarks/results`` is passed explicitly, as
+    ``benchmarks/gpu_checks.sh`` does).
 
     Example:
         >>> results_dir("/tmp/r")
@@ -58,7 +61,10 @@ def results_dir(override: str | os.PathLike[str] | None = None) -> Path:
     if override:
         return Path(override)
     env = os.environ.get("FASTLORA_RESULTS_DIR")
-    return Path(env) if env else Path.cwd() / "benchmarks" / "results"
+    if env:
+        return Path(env)
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data) / "fastlora" / "results"
 
 
 @functools.cache

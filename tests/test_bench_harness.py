@@ -214,7 +214,11 @@ def test_device_slug(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_results_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FASTLORA_RESULTS_DIR", raising=False)
-    assert results.results_dir() == tmp_path / "benchmarks" / "results"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert results.results_dir() == tmp_path / "data" / "fastlora" / "results"  # not under the working directory
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert results.results_dir() == tmp_path / "home" / ".local" / "share" / "fastlora" / "results"
     monkeypatch.setenv("FASTLORA_RESULTS_DIR", str(tmp_path / "env"))
     assert results.results_dir() == tmp_path / "env"
     assert results.results_dir(tmp_path / "flag") == tmp_path / "flag"
