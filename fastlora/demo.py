@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -210,12 +209,13 @@ def _load() -> float:
 
 
 def _percentiles(values: list[float]) -> tuple[float, float, float]:
-    """(20th, 50th, 80th) percentiles; the value itself for one."""
-    if len(values) < 2:
-        v = values[0] if values else 0.0
-        return v, v, v
-    q = statistics.quantiles(values, n=10, method="inclusive")
-    return q[1], statistics.median(values), q[7]
+    """(20th, 50th, 80th) percentiles, as the benchmarks summarise timings (0 for no value)."""
+    from .benchmarks.timing import summarize
+
+    if not values:
+        return 0.0, 0.0, 0.0
+    t = summarize(values)
+    return t.p20_ms, t.median_ms, t.p80_ms
 
 
 #: A ratio is printed with a warning when the per-step ratios' 20th-80th percentile range is wider than this

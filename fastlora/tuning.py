@@ -16,12 +16,14 @@ Environment: ``FASTLORA_TUNE=0`` (the static table only), ``FASTLORA_TUNING_CACH
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,14 +47,35 @@ class Measurement:
     spent_s: float = 0.0
 
 
+# True inside ``off()``: this context (thread, task) measures nothing, whatever the environment says.
+_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("fastlora_tuning_off", default=False)
+
+
 def enabled() -> bool:
-    return os.environ.get("FASTLORA_TUNE", "1") != "0"
+    """Whether choices may be measured here: not with ``FASTLORA_TUNE=0``, not inside :func:`off`."""
+    return not _OFF.get() and os.environ.get("FASTLORA_TUNE", "1") != "0"
 
 
-def state() -> tuple[str | None, str | None]:
-    """The settings a decision depends on (``FASTLORA_TUNE``, ``FASTLORA_TUNING_CACHE``): a choice cached in
-    memory under them stays valid while they are equal."""
-    return os.environ.get("FASTLORA_TUNE"), os.environ.get("FASTLORA_TUNING_CACHE")
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    """Measure nothing inside (the static or kept choices run), for this context only: the process environment
+    and other threads are left alone.
+
+    Example:
+        >>> with tuning.off():
+        ...     loss = model(**batch).loss      # e.g. on meta tensors, which have no time to measure
+    """
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
+
+
+def state() -> tuple[bool, str | None]:
+    """The settings a decision depends on (:func:`enabled`, ``FASTLORA_TUNING_CACHE``): a choice cached in memory
+    under them stays valid while they are equal."""
+    return enabled(), os.environ.get("FASTLORA_TUNING_CACHE")
 
 
 def _versions() -> dict[str, str]:

@@ -87,7 +87,9 @@ def test_fp32_branch_variant_has_peft_numerics(dropout, monkeypatch):
     layers do without autocast: outputs and dX within a rounding or two of PEFT's, adapter gradients equal up to
     fp32 summation order (the dropout masks are the same: drawn in the adapters' dtype, in PEFT's order)."""
     qkv_ops = importlib.import_module("fastlora.ops.lora_qkv")  # the package's lora_qkv is the function
-    monkeypatch.setattr(qkv_ops, "_variant", lambda *args: qkv_ops.FP32_BRANCH)
+    from fastlora.ops.lora import FP32_BRANCH
+
+    monkeypatch.setattr(qkv_ops, "_variant", lambda *args: FP32_BRANCH)
     layers = [make_peft_lora_layer(K, n, ranks=(4 + 2 * i,), dropout=dropout, bias=i == 0, seed=i,
                                    base_dtype=torch.bfloat16, adapter_dtype=torch.float32)
               for i, n in enumerate(SIZES)]

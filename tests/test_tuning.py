@@ -349,3 +349,18 @@ def test_the_variant_check_takes_another_summation_order_but_not_garbage():
     broken[3, 5] += 0.01 * float(ref.abs().max())
     assert not same((broken,), (ref,))
     assert not same((ref * float("nan"),), (ref,))
+
+
+def test_off_measures_nothing_in_its_context_only(tuned):
+    """tuning.off() (the planner's meta-device step) keeps the static choice inside, without touching the process
+    environment; outside, and in another thread meanwhile, measuring goes on."""
+    calls = []
+    seen = {}
+    with tuning.off():
+        assert _choose_variant(_variant_probe(slow=("static",), calls=calls)) == "static"
+        assert calls == [] and os.environ["FASTLORA_TUNE"] == "1"
+        worker = threading.Thread(target=lambda: seen.update(enabled=tuning.enabled()))
+        worker.start()
+        worker.join()
+    assert seen == {"enabled": True}
+    assert _choose_variant(_variant_probe(slow=("static",))) == "other"

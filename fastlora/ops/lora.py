@@ -212,7 +212,13 @@ DENSE, FUSED_NF4, FP32_BRANCH = "dense", "fused_nf4", "fp32_branch"
 
 def variants(base: torch.Tensor | NF4Weight, x: torch.Tensor, A: Sequence[torch.Tensor]) -> list[str]:
     """The variants that can compute this call, the static choice first."""
-    out = [FUSED_NF4, DENSE] if _small_nf4(base, x) else [DENSE]
+    return variant_options(_small_nf4(base, x), x, A)
+
+
+def variant_options(fused_nf4: bool, x: torch.Tensor, A: Sequence[torch.Tensor]) -> list[str]:
+    """A LoRA layer op's variants, the static choice first: the fused NF4 GEMM where it serves the rows, and the
+    fp32 branch where the adapters are fp32 beside half-precision activations."""
+    out = [FUSED_NF4, DENSE] if fused_nf4 else [DENSE]
     if x.dtype != torch.float32 and all(a.dtype == torch.float32 for a in A):
         out.append(FP32_BRANCH)
     return out

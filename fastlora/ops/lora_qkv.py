@@ -24,8 +24,6 @@ from ._autocast import autocast_disabled, autocast_off
 from ._library import call, define
 from ._workspace import workspace
 from .lora import (
-    DENSE,
-    FP32_BRANCH,
     FUSED_NF4,
     _check,
     _down,
@@ -41,6 +39,7 @@ from .lora import (
     lora_linear_reference,
     save_adapters,
     saved_adapters,
+    variant_options,
 )
 from .nf4 import dequantize_nf4
 from .nf4_matmul import nf4_matmul
@@ -161,10 +160,7 @@ def _small(bases: Sequence[Base], x: torch.Tensor) -> bool:
 
 def variants(bases: Sequence[Base], x: torch.Tensor, A: Sequence[torch.Tensor]) -> list[str]:
     """The variants that can compute this call, the static choice first (as :func:`fastlora.ops.lora.variants`)."""
-    out = [FUSED_NF4, DENSE] if _small(bases, x) else [DENSE]
-    if x.dtype != torch.float32 and all(a.dtype == torch.float32 for a in A):
-        out.append(FP32_BRANCH)
-    return out
+    return variant_options(_small(bases, x), x, A)
 
 
 def _forward(x: torch.Tensor, bases: Sequence[Base], biases: list[torch.Tensor | None], dropped: list[torch.Tensor],

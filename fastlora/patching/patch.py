@@ -25,7 +25,7 @@ from .families import Family, family_of
 from .lora_layers import fast_class, lora_layer_classes
 from .loss import CountedLoss, fused_class
 from .mlp import ACTIVATIONS, fast_mlp_class, projections
-from .peft_lora import NothingToFuse, UnsupportedLoRA, lora_args
+from .peft_lora import NothingToFuse, UnsupportedLoRA, _is_bnb_4bit, lora_args
 from .qkv import fast_qkv_class, qkv_arguments
 from .report import PatchReport
 from .rope import fast_attention_class, install_trampoline, rope_worth_it
@@ -125,7 +125,7 @@ def _check_forced(hf: torch.nn.Module, backend: Backend | str, *, lora: bool, ro
     param = next(hf.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
-    four_bit = any(type(m).__name__ == "Linear4bit" for m in hf.modules())
+    four_bit = any(_is_bnb_4bit(type(m)) for m in hf.modules())
     ops = [op for op, used in (("rope", rope), ("glu", mlp), ("nf4_dequantize", lora and four_bit)) if used]
     for op in ops:
         try:

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from .step import build_model, count_model, training_step, tuning_off
+from ..tuning import off as tuning_off
+from .step import build_model, count_model, training_step
 from .tracker import AllocationTracker
 
 

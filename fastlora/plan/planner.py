@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
+from ..tuning import off as tuning_off
 from .devices import GPU, caching_allocator_rounding, cublas_workspace_bytes, cuda_context_bytes, find_gpu
 from .model import CPU_ATTENTION, FLASH_ATTENTION, MetaOffload, register_attention
 from .shapes import load_config
-from .step import CATEGORIES, build_model, training_step, tuning_off
+from .step import CATEGORIES, build_model, training_step
 from .tracker import AllocationTracker
 
 logger = logging.getLogger("fastlora.plan")

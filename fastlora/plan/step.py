@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,21 +41,6 @@ def build_model(config: Any, *, device: str, dtype: torch.dtype, rank: int, quan
     model = peft.get_peft_model(model, lora)
     model.train()
     return model
-
-
-@contextlib.contextmanager
-def tuning_off() -> Iterator[None]:
-    """``FASTLORA_TUNE=0`` for the duration: a plan must not time kernels (meta tensors have no time), and its
-    check must take the same static choices."""
-    old = os.environ.get("FASTLORA_TUNE")
-    os.environ["FASTLORA_TUNE"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTLORA_TUNE", None)
-        else:
-            os.environ["FASTLORA_TUNE"] = old
 
 
 def count_model(tracker: AllocationTracker, model: torch.nn.Module) -> None:
