@@ -3,6 +3,7 @@ planner's figures for real model shapes against what can be computed by hand."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -14,7 +15,6 @@ pytest.importorskip("transformers")
 from transformers import LlamaConfig  # noqa: E402
 
 from fastlora.plan import AllocationTracker, load_config, plan  # noqa: E402
-from fastlora.plan.check import measure_cpu_step  # noqa: E402
 from fastlora.plan.devices import find_gpu  # noqa: E402
 
 MiB = 2**20
@@ -68,21 +68,63 @@ CASES = [dict(quant=q, patched=p, checkpointing=c) for q in (None, "nf4") for p 
 SHAPES = {"loss-heavy": (dict(), 96), "decoder-heavy": (dict(vocab_size=64, intermediate_size=1024), 256)}
 
 
+def _case_id(case: dict) -> str:
+    return "-".join(str(v) for v in case.values())
+
+
+# Planned and measured in a fresh interpreter, as a training run starts. In a process where tests/test_nf4.py's
+# bitsandbytes dequantize cases ran first, both the plan and the real step change (e.g. 4.06 -> 4.53 MB planned,
+# 3.13 MB measured): a state neither models yet (issue 17), which made this test depend on the test order.
+_PLAN_AND_MEASURE = """
+import json, sys, torch
+from transformers import LlamaConfig
+from fastlora.plan import plan
+from fastlora.plan.check import measure_cpu_step
+out = {}
+for key, (values, seq_len, case) in json.loads(sys.argv[1]).items():
+    config = LlamaConfig(**values)
+    p = plan(config, batch=2, seq_len=seq_len, rank=8, device="cpu", dtype=torch.float32, **case)
+    m = measure_cpu_step(config, batch=2, seq_len=seq_len, rank=8, dtype=torch.float32, **case)
+    out[key] = dict(planned=p.peak_bytes, overheads=p.overheads, breakdown=p.breakdown, tracker=m.tracker_peak,
+                    allocator=m.allocator_peak, where=str(m.tracker.peak))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_steps() -> dict[str, dict]:
+    import os
+    import subprocess
+    import sys
+
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "max_position_embeddings")
+    jobs = {}
+    for case in CASES:
+        if case["quant"] and importlib.util.find_spec("bitsandbytes") is None:
+            continue
+        for shape, (changes, seq_len) in SHAPES.items():
+            values = tiny_config(**changes).to_dict()
+            jobs[f"{_case_id(case)}|{shape}"] = ({k: values[k] for k in keys}, seq_len, case)
+    done = subprocess.run([sys.executable, "-c", _PLAN_AND_MEASURE, json.dumps(jobs)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
-def test_cpu_plan_within_5_percent_of_the_measured_step(case, shape):
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_cpu_plan_within_5_percent_of_the_measured_step(case, shape, fresh_steps):
     if case["quant"]:
         pytest.importorskip("bitsandbytes")
-    changes, seq_len = SHAPES[shape]
-    config = tiny_config(**changes)
-    planned = plan(config, batch=2, seq_len=seq_len, rank=8, device="cpu", dtype=torch.float32, **case)
-    measured = measure_cpu_step(config, batch=2, seq_len=seq_len, rank=8, dtype=torch.float32, **case)
+    got = fresh_steps[f"{_case_id(case)}|{shape}"]
+    planned = got["planned"]
     # Same tracker, real tensors: the meta step allocates what the real one does.
-    assert planned.peak_bytes == pytest.approx(measured.tracker_peak, rel=0.05), (planned, measured.tracker.peak)
+    assert planned == pytest.approx(got["tracker"], rel=0.05), got
     # The CPU allocator's own count (torch profiler) sees inside kernels too: an independent measure.
-    assert planned.peak_bytes == pytest.approx(measured.allocator_peak, rel=0.05), (planned, measured.allocator_peak)
-    assert planned.overheads == {}
-    assert planned.breakdown["weights"] > 0 and planned.breakdown["adapters"] > 0
+    assert planned == pytest.approx(got["allocator"], rel=0.05), got
+    assert got["overheads"] == {}
+    assert got["breakdown"]["weights"] > 0 and got["breakdown"]["adapters"] > 0
 
 
 def _expected_weights(config: object, nf4: bool, dtype_bytes: int = 2) -> int:
